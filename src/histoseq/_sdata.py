@@ -1,0 +1,432 @@
+"""How histoseq finds things in a SpatialData object: tables, regions, images, pixel sizes.
+
+Every public function resolves its inputs through this module, so that the same rules hold everywhere:
+
+- a key that is ``None`` is inferred when exactly one candidate exists, and a ``ValueError`` lists the
+  candidates when there are several;
+- the spots of a table region are matched to an image through a coordinate system they share
+  (the layout of :func:`spatialdata_io.visium` and of :func:`histoseq.io.read_legacy_st`);
+- the pixel size of an image in µm comes from its transformation to a micrometre coordinate system
+  (a name ending in ``"_um"``, see :func:`is_um_coordinate_system`), from the spot pitch of a known
+  technology, or from the caller, and is never silently assumed.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import anndata as ad
+    import xarray as xr
+    from spatialdata import SpatialData
+
+logger = logging.getLogger(__name__)
+
+#: Centre-to-centre spot distance of known technologies, in µm.
+SPOT_PITCH_UM = {"legacy_st": 200.0, "visium": 100.0}
+#: Spot diameter of known technologies, in µm.
+SPOT_DIAMETER_UM = {"legacy_st": 100.0, "visium": 55.0}
+
+_UM_NAMES = {"um", "µm", "micron", "microns", "micrometer", "micrometers", "micrometre", "micrometres"}
+
+
+def is_um_coordinate_system(name: str) -> bool:
+    """Whether a coordinate system name denotes micrometres.
+
+    histoseq names the micrometre system of a section ``f"{sample_id}_um"``; a system called ``"um"``,
+    ``"micrometers"`` (and similar) or ending in ``"_um"`` / ``"_micrometers"`` counts too.
+    """
+    low = name.lower()
+    return low in _UM_NAMES or any(low.endswith("_" + n) for n in _UM_NAMES)
+
+
+def um_coordinate_system_name(pixel_cs: str) -> str:
+    """The name of the micrometre coordinate system that sits beside a pixel one."""
+    return f"{pixel_cs}_um"
+
+
+def resolve_key(key: str | None, candidates: Iterable[str], what: str, argument: str) -> str:
+    """Return ``key`` if valid, or the single candidate; raise a helpful error otherwise."""
+    candidates = list(candidates)
+    if key is not None:
+        if key not in candidates:
+            raise KeyError(
+                f"{what} {key!r} not found. Available: {sorted(candidates) or 'none'}. "
+                f"Pass one of them as `{argument}`."
+            )
+        return key
+    if len(candidates) == 1:
+        return candidates[0]
+    if not candidates:
+        raise ValueError(f"The SpatialData object has no {what}; add one or pass `{argument}`.")
+    raise ValueError(f"Several {what}s found: {sorted(candidates)}. Choose one with `{argument}=...`.")
+
+
+def get_table(sdata: SpatialData, table_key: str | None) -> tuple[str, ad.AnnData]:
+    """The table under ``table_key`` (inferred when there is one), with its annotation metadata checked."""
+    key = resolve_key(table_key, list(sdata.tables.keys()), "table", "table_key")
+    table = sdata.tables[key]
+    if "spatialdata_attrs" not in table.uns:
+        raise ValueError(
+            f"Table {key!r} does not annotate any element (no `uns['spatialdata_attrs']`). Parse it with "
+            "`spatialdata.models.TableModel.parse(adata, region=..., region_key=..., instance_key=...)`."
+        )
+    return key, table
+
+
+def table_keys(table: ad.AnnData) -> tuple[list[str], str, str]:
+    """``(regions, region_key, instance_key)`` of a table."""
+    from spatialdata.models import get_table_keys
+
+    regions, region_key, instance_key = get_table_keys(table)
+    regions = [regions] if isinstance(regions, str) else list(regions)
+    return regions, region_key, instance_key
+
+
+def affine_xy(transformation: Any) -> np.ndarray:
+    """3×3 affine matrix acting on ``(x, y, 1)`` of a spatialdata transformation."""
+    return np.asarray(transformation.to_affine_matrix(input_axes=("x", "y"), output_axes=("x", "y")), dtype=float)
+
+
+def transformations(element: Any) -> dict[str, Any]:
+    """All transformations of an element, keyed by coordinate system."""
+    from spatialdata.transformations import get_transformation
+
+    return dict(get_transformation(element, get_all=True))
+
+
+def shared_coordinate_systems(a: Any, b: Any) -> list[str]:
+    """Coordinate systems both elements map to, pixel systems first."""
+    common = set(transformations(a)) & set(transformations(b))
+    return sorted(common, key=lambda n: (is_um_coordinate_system(n), n))
+
+
+def pixel_size_from_affine(matrix: np.ndarray) -> tuple[float, float]:
+    """Isotropic pixel size and its anisotropy (relative difference of the axis scales) of an affine."""
+    lin = matrix[:2, :2]
+    sx, sy = np.linalg.norm(lin[:, 0]), np.linalg.norm(lin[:, 1])
+    return float(np.sqrt(abs(np.linalg.det(lin)))), float(abs(sx - sy) / max(sx, sy))
+
+
+def median_nn_distance(xy: np.ndarray) -> float:
+    """Median distance of each point to its nearest neighbour."""
+    from scipy.spatial import cKDTree
+
+    if len(xy) < 2:
+        raise ValueError("At least two spots are needed to measure the spot pitch.")
+    d, _ = cKDTree(xy).query(xy, k=2)
+    return float(np.median(d[:, 1]))
+
+
+def image_levels(image: Any) -> list[xr.DataArray]:
+    """The levels of an image element, finest first (a single DataArray is one level)."""
+    import xarray as xr
+
+    if isinstance(image, xr.DataArray):
+        return [image]
+    keys = sorted(image.children, key=lambda k: int(k.replace("scale", "")))
+    return [next(iter(image[k].ds.data_vars.values())) for k in keys]
+
+
+def check_rgb_uint8(image_key: str, level0: xr.DataArray, rgb: bool) -> int:
+    """Validate channels and dtype of an image; return the number of channels patches will have."""
+    if level0.dtype != np.uint8:
+        raise TypeError(
+            f"Image {image_key!r} has dtype {level0.dtype}, but histoseq reads 8-bit images (uint8), as H&E scans "
+            "are. Rescale it first, e.g. `skimage.exposure.rescale_intensity(img, out_range=np.uint8)`, or for "
+            "uint16 fluorescence `(img // 256).astype(np.uint8)`, and parse it again with Image2DModel."
+        )
+    n_channels = int(level0.sizes["c"])
+    if rgb and n_channels not in (3, 4):
+        raise ValueError(
+            f"Image {image_key!r} has {n_channels} channel(s): it is not an RGB H&E image (a grayscale or "
+            "nuclei-stained image?). Pass `rgb=False` to cut single-channel patches, or convert the image to RGB "
+            "(e.g. `np.repeat(img, 3, axis=0)` for a grayscale stain)."
+        )
+    return 3 if rgb else n_channels
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """An image element with the geometry that patches need.
+
+    Attributes
+    ----------
+    key
+        Name of the image element.
+    levels
+        Pyramid levels, finest first, each ``(c, y, x)``.
+    pixel_size_um
+        Size of a level-0 pixel in µm.
+    pixel_size_method
+        How :attr:`pixel_size_um` was obtained (``"um_coordinate_system"``, ``"spot_pitch"``, ``"argument"``).
+
+    """
+
+    key: str
+    levels: tuple[Any, ...]
+    pixel_size_um: float
+    pixel_size_method: str
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(height, width)`` of level 0."""
+        lvl = self.levels[0]
+        return int(lvl.sizes["y"]), int(lvl.sizes["x"])
+
+    def level_downsample(self, level: int) -> tuple[float, float]:
+        """Size of a pixel of ``level`` in level-0 pixels, along ``(y, x)``."""
+        h0, w0 = self.shape
+        lvl = self.levels[level]
+        return h0 / int(lvl.sizes["y"]), w0 / int(lvl.sizes["x"])
+
+    def choose_level(self, target_pixel_size_um: float, tolerance: float = 0.05) -> int:
+        """The coarsest level whose pixels are not coarser than the target (within ``tolerance``).
+
+        Reading from that level and downsampling by less than 2× keeps all detail the target resolution
+        can hold, at the least reading cost.
+        """
+        best = 0
+        for i in range(len(self.levels)):
+            ds = max(self.level_downsample(i))
+            if self.pixel_size_um * ds <= target_pixel_size_um * (1 + tolerance):
+                best = i
+        return best
+
+
+@dataclass(frozen=True)
+class Region:
+    """One annotated region (a section's spots, or a grid) resolved to its image.
+
+    ``centers_px`` are the ``(x, y)`` centres in level-0 intrinsic pixel coordinates of :attr:`image`
+    (pixel ``i`` covers ``[i, i + 1)``, as in spatialdata); ``rows`` are positions in the table (or in the
+    shapes element when there is no table).
+    """
+
+    shapes_key: str
+    image: ImageRef
+    centers_px: np.ndarray
+    rows: np.ndarray
+    names: np.ndarray
+    radius_px: np.ndarray | None
+    order: np.ndarray  # position of each spot in the caller's selection
+
+
+def _shape_centers(shapes: Any) -> tuple[np.ndarray, np.ndarray | None]:
+    geom = shapes.geometry
+    if (geom.geom_type == "Point").all():
+        xy = np.column_stack([geom.x.to_numpy(), geom.y.to_numpy()])
+    else:
+        c = geom.centroid
+        xy = np.column_stack([c.x.to_numpy(), c.y.to_numpy()])
+    radius = shapes["radius"].to_numpy(dtype=float) if "radius" in shapes.columns else None
+    return xy.astype(float), radius
+
+
+def candidate_images(sdata: SpatialData, element: Any) -> list[str]:
+    """Image elements that share a coordinate system with ``element``."""
+    cs = set(transformations(element))
+    return [k for k, im in sdata.images.items() if cs & set(transformations(im))]
+
+
+def pick_image(sdata: SpatialData, element: Any, image_key: str | None, what: str) -> str:
+    """The image of ``element``: the given one, or the finest image that shares a coordinate system with it.
+
+    Several images on one coordinate system are usually one scan at several resolutions (Visium's full-res,
+    hires and lowres images); the finest keeps every later choice of resolution open.
+    """
+    if image_key is not None:
+        return resolve_key(image_key, list(sdata.images.keys()), "image", "image_key")
+    candidates = candidate_images(sdata, element)
+    if not candidates:
+        raise ValueError(
+            f"No image shares a coordinate system with {what}. Add the H&E image with a transformation to the "
+            f"coordinate system of the spots ({sorted(transformations(element))}), or pass `image_key`."
+        )
+
+    def pixel_size_in_cs(k: str) -> float:
+        im = sdata.images[k]
+        cs = shared_coordinate_systems(im, element)[0]
+        return pixel_size_from_affine(affine_xy(transformations(im)[cs]))[0]
+
+    return min(candidates, key=pixel_size_in_cs)
+
+
+def _technology(sdata: SpatialData, table: ad.AnnData | None) -> str | None:
+    if sdata.attrs.get("spatialdata_io_reader") == "visium":
+        return "visium"
+    hs_attrs = sdata.attrs.get("histoseq", {})
+    if "technology" in hs_attrs:
+        return hs_attrs["technology"]
+    return None
+
+
+def resolve_pixel_size(
+    sdata: SpatialData,
+    image_key: str,
+    *,
+    pixel_size_um: float | None = None,
+    spot_centers_px: np.ndarray | None = None,
+    table: ad.AnnData | None = None,
+) -> tuple[float, str]:
+    """Pixel size of level 0 of ``image_key`` in µm, and how it was obtained.
+
+    In order: the ``pixel_size_um`` argument; the image's transformation to a micrometre coordinate system;
+    the spot pitch of a known technology (Visium data read by spatialdata-io: 100 µm) measured on the spots.
+    """
+    if pixel_size_um is not None:
+        if not np.isfinite(pixel_size_um) or pixel_size_um <= 0:
+            raise ValueError(f"`pixel_size_um` must be a positive number, got {pixel_size_um!r}.")
+        return float(pixel_size_um), "argument"
+    image = sdata.images[image_key]
+    level0_affines = {cs: affine_xy(t) for cs, t in transformations(image).items()}
+    um = [cs for cs in level0_affines if is_um_coordinate_system(cs)]
+    if um:
+        value, aniso = pixel_size_from_affine(level0_affines[um[0]])
+        if aniso > 0.01:
+            logger.warning("Image %r has anisotropic pixels (%.1f%%): using the mean.", image_key, 100 * aniso)
+        return value, "um_coordinate_system"
+    tech = _technology(sdata, table)
+    if tech in SPOT_PITCH_UM and spot_centers_px is not None and len(spot_centers_px) >= 2:
+        nn = median_nn_distance(spot_centers_px)
+        return SPOT_PITCH_UM[tech] / nn, "spot_pitch"
+    raise ValueError(
+        f"The pixel size of image {image_key!r} is unknown: it has no transformation to a micrometre coordinate "
+        f"system (one named like '<name>_um'; it has {sorted(level0_affines)}). Pass `pixel_size_um=...`, or "
+        "record it once with `hs.io.set_pixel_size(sdata, pixel_size_um=...)` (or `spot_pitch_um=...` to "
+        "derive it from the spot grid)."
+    )
+
+
+def image_ref(
+    sdata: SpatialData,
+    image_key: str,
+    *,
+    pixel_size_um: float | None = None,
+    spot_centers_px: np.ndarray | None = None,
+    table: ad.AnnData | None = None,
+) -> ImageRef:
+    """Resolve an image element into an :class:`ImageRef`."""
+    value, method = resolve_pixel_size(
+        sdata, image_key, pixel_size_um=pixel_size_um, spot_centers_px=spot_centers_px, table=table
+    )
+    return ImageRef(image_key, tuple(image_levels(sdata.images[image_key])), value, method)
+
+
+def centers_in_image(sdata: SpatialData, shapes_key: str, image_key: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """Centres (and radii) of a shapes element in level-0 pixels of an image, via a shared coordinate system."""
+    shapes = sdata.shapes[shapes_key]
+    image = sdata.images[image_key]
+    common = shared_coordinate_systems(shapes, image)
+    if not common:
+        raise ValueError(
+            f"Shapes {shapes_key!r} and image {image_key!r} share no coordinate system "
+            f"({sorted(transformations(shapes))} vs {sorted(transformations(image))}). Add a transformation "
+            "that places the spots on the image, or choose the matching `image_key`."
+        )
+    cs = common[0]
+    to_image = np.linalg.inv(affine_xy(transformations(image)[cs])) @ affine_xy(transformations(shapes)[cs])
+    xy, radius = _shape_centers(shapes)
+    xy_img = xy @ to_image[:2, :2].T + to_image[:2, 2]
+    if radius is not None:
+        radius = radius * pixel_size_from_affine(to_image)[0]
+    return xy_img, radius
+
+
+def select_rows(n: int, names: Sequence[str], subset: Any) -> np.ndarray:
+    """Positions selected by ``subset``: ``None`` (all), a boolean mask, names, or integer positions."""
+    if subset is None:
+        return np.arange(n)
+    arr = np.asarray(subset)
+    if arr.dtype == bool:
+        if arr.shape != (n,):
+            raise ValueError(f"A boolean `spots` mask must have length {n}, got {arr.shape}.")
+        return np.flatnonzero(arr)
+    if arr.dtype.kind in "iu":
+        if arr.size and (arr.min() < -n or arr.max() >= n):
+            raise IndexError(f"`spots` positions must lie in [0, {n}).")
+        return np.mod(arr, n).astype(int)
+    index = {name: i for i, name in enumerate(names)}
+    missing = [s for s in arr.tolist() if s not in index]
+    if missing:
+        raise KeyError(f"{len(missing)} spot name(s) not in the table, e.g. {missing[:3]}.")
+    return np.array([index[s] for s in arr.tolist()], dtype=int)
+
+
+def resolve_regions(
+    sdata: SpatialData,
+    *,
+    table_key: str | None = "table",
+    shapes_key: str | None = None,
+    image_key: str | dict[str, str] | None = None,
+    pixel_size_um: float | None = None,
+    spots: Any = None,
+) -> list[Region]:
+    """Resolve the spots to cut (per region) and the image of each region.
+
+    With a table, its regions (restricted to ``shapes_key`` when given) are used and rows refer to the
+    table. Without a table (``table_key=None``), ``shapes_key`` names the shapes to use (e.g. a grid).
+    """
+    use_table = table_key is not None and len(sdata.tables) > 0
+    if use_table:
+        tkey, table = get_table(sdata, table_key)
+        regions, region_key, instance_key = table_keys(table)
+        if shapes_key is not None:
+            # shapes that the table does not annotate (a grid) are cut on their own
+            use_table = shapes_key in regions
+            regions = [shapes_key]
+    if use_table:
+        missing = [r for r in regions if r not in sdata.shapes]
+        if missing:
+            raise KeyError(
+                f"Table {tkey!r} annotates {missing}, which are not shapes elements of this SpatialData "
+                f"(shapes: {sorted(sdata.shapes)}). histoseq cuts patches around shapes (spots or grid tiles)."
+            )
+        selected = select_rows(table.n_obs, table.obs_names, spots)
+        region_col = table.obs[region_key].astype(str).to_numpy()
+        instance = table.obs[instance_key].to_numpy()
+        out = []
+        for region in regions:
+            in_region = np.flatnonzero(region_col[selected] == region)
+            rows = selected[in_region]
+            if rows.size == 0:
+                continue
+            shapes = sdata.shapes[region]
+            img_key = image_key.get(region) if isinstance(image_key, dict) else image_key
+            img_key = pick_image(sdata, shapes, img_key, f"shapes {region!r}")
+            centers, radius = centers_in_image(sdata, region, img_key)
+            pos = shapes.index.get_indexer(instance[rows])
+            if (pos < 0).any():
+                bad = instance[rows][pos < 0][:3]
+                raise KeyError(
+                    f"{int((pos < 0).sum())} table rows have no shape in {region!r} (instance ids such as "
+                    f"{list(bad)}); the table's `{instance_key}` must match the shapes index."
+                )
+            ref = image_ref(sdata, img_key, pixel_size_um=pixel_size_um, spot_centers_px=centers, table=table)
+            out.append(
+                Region(
+                    region,
+                    ref,
+                    centers[pos],
+                    rows,
+                    table.obs_names.to_numpy()[rows],
+                    None if radius is None else radius[pos],
+                    in_region,
+                )
+            )
+        return out
+    key = resolve_key(shapes_key, list(sdata.shapes.keys()), "shapes element", "shapes_key")
+    shapes = sdata.shapes[key]
+    img_key = image_key.get(key) if isinstance(image_key, dict) else image_key
+    img_key = pick_image(sdata, shapes, img_key, f"shapes {key!r}")
+    centers, radius = centers_in_image(sdata, key, img_key)
+    names = shapes.index.astype(str).to_numpy()
+    rows = select_rows(len(shapes), names, spots)
+    ref = image_ref(sdata, img_key, pixel_size_um=pixel_size_um, spot_centers_px=centers)
+    radius = None if radius is None else radius[rows]
+    return [Region(key, ref, centers[rows], rows, names[rows], radius, np.arange(len(rows)))]

@@ -1,0 +1,3 @@
+"""Torch modules (networks) used by :mod:`histoseq.tl`."""
+
+__all__: list[str] = []

@@ -1,0 +1,5 @@
+"""Plotting."""
+
+from ._patches import patches
+
+__all__ = ["patches"]

@@ -1,0 +1,253 @@
+"""Tissue detection and dense grids of tiles on the tissue (for super-resolution and image-only slides)."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .._sdata import image_levels, image_ref, resolve_key, transformations
+
+if TYPE_CHECKING:
+    import geopandas as gpd
+    from spatialdata import SpatialData
+
+logger = logging.getLogger(__name__)
+
+_MAX_DETECTION_PX = 4_000_000
+
+
+def _detection_level(levels: list[Any], max_pixels: int) -> int:
+    """The finest level with at most ``max_pixels`` pixels (the coarsest if none is that small)."""
+    for i, lvl in enumerate(levels):
+        if lvl.sizes["y"] * lvl.sizes["x"] <= max_pixels:
+            return i
+    return len(levels) - 1
+
+
+def _tissue_mask(sdata: SpatialData, image_key: str, max_pixels: int, method: str) -> tuple[np.ndarray, int]:
+    """Boolean tissue mask at a coarse pyramid level, and that level.
+
+    :func:`squidpy.experimental.im.detect_tissue` does the detection. Called on the whole element it
+    upsamples its mask to full resolution (1.6 GB of labels for a 40,000² px slide), so it runs here on a
+    temporary single-level image holding only the coarse level, and the mask stays small.
+    """
+    from spatialdata import SpatialData as SD
+    from spatialdata.models import Image2DModel
+    from squidpy.experimental.im import detect_tissue as sq_detect
+
+    levels = image_levels(sdata.images[image_key])
+    lvl = _detection_level(levels, max_pixels)
+    small = levels[lvl]
+    if small.sizes["c"] not in (1, 3, 4):
+        raise ValueError(f"Image {image_key!r} has {small.sizes['c']} channels; tissue detection needs RGB or gray.")
+    arr = np.asarray(small.data)[:3]
+    tmp = SD(images={"coarse": Image2DModel.parse(arr, dims=("c", "y", "x"))})
+    labels = sq_detect(tmp, "coarse", method=method, inplace=False)
+    mask = np.asarray(labels) > 0
+    if not mask.any() or (mask.all() and arr.std() < 1):
+        raise ValueError(
+            f"No tissue found in image {image_key!r}: the image looks blank. Check that it is the H&E scan, or pass "
+            "`tissue=False` to tile the whole image."
+        )
+    return mask, lvl
+
+
+def detect_tissue(
+    sdata: SpatialData,
+    *,
+    image_key: str | None = None,
+    method: str = "otsu",
+    max_pixels: int = _MAX_DETECTION_PX,
+    key_added: str | None = None,
+    inplace: bool = True,
+):
+    """Detect the tissue of an H&E image at a coarse pyramid level.
+
+    Runs :func:`squidpy.experimental.im.detect_tissue` on the finest level that has at most ``max_pixels``
+    pixels, and keeps the mask at that resolution with a transformation that overlays it on the image.
+
+    Parameters
+    ----------
+    sdata
+        SpatialData with the image.
+    image_key
+        The image; inferred when there is one.
+    method
+        Detection method of squidpy (``"otsu"`` or ``"felzenszwalb"``).
+    max_pixels
+        Size of the level the detection runs on.
+    key_added
+        Name of the labels element; default ``f"{image_key}_tissue"``.
+    inplace
+        Add the labels element to ``sdata``; ``False`` returns it.
+
+    Returns
+    -------
+    With ``inplace=True``, adds ``sdata.labels[key_added]`` (1 = tissue, 0 = background) and returns ``None``;
+    otherwise returns the labels element.
+
+    Examples
+    --------
+    >>> import histoseq as hs
+    >>> sdata = hs.datasets.synthetic(n_sections=1)
+    >>> hs.pp.detect_tissue(sdata, image_key="section0_image")
+    >>> "section0_image_tissue" in sdata.labels
+    True
+
+    """
+    from spatialdata.models import Labels2DModel
+
+    image_key = resolve_key(image_key, list(sdata.images.keys()), "image", "image_key")
+    mask, lvl = _tissue_mask(sdata, image_key, max_pixels, method)
+    level = image_levels(sdata.images[image_key])[lvl]
+    labels = Labels2DModel.parse(mask.astype(np.uint8), dims=("y", "x"), transformations=transformations(level))
+    if not inplace:
+        return labels
+    key = key_added or f"{image_key}_tissue"
+    _write(sdata, "labels", key, labels)
+    logger.info("Tissue of %r: %.1f%% of the image; added labels %r.", image_key, 100 * mask.mean(), key)
+    return None
+
+
+def _write(sdata: SpatialData, kind: str, key: str, element: Any) -> None:
+    """Add an element, writing it to disk too when the SpatialData is backed by zarr."""
+    getattr(sdata, kind)[key] = element
+    if sdata.is_backed():
+        if key in sdata.elements_paths_on_disk() or f"{kind}/{key}" in sdata.elements_paths_on_disk():
+            sdata.delete_element_from_disk(key)
+        sdata.write_element(key)
+
+
+def make_grid(
+    sdata: SpatialData,
+    *,
+    spacing_um: float,
+    image_key: str | None = None,
+    tile_size_um: float | None = None,
+    tissue: bool | str = True,
+    min_tissue_fraction: float = 0.5,
+    pixel_size_um: float | None = None,
+    key_added: str | None = None,
+    inplace: bool = True,
+) -> gpd.GeoDataFrame | None:
+    """Tile the tissue of an image with a square grid at a given spacing in µm.
+
+    The grid is the geometry of predictions beyond the measured spots: super-resolved expression between spots,
+    or a whole slide that has only an image. Cut patches on it with
+    ``hs.pp.extract_patches(sdata, shapes_key=key_added)``.
+
+    Parameters
+    ----------
+    sdata
+        SpatialData with the image.
+    spacing_um
+        Centre-to-centre distance of the tiles in µm.
+    image_key
+        The image; inferred when there is one.
+    tile_size_um
+        Side of each tile in µm; by default ``spacing_um`` (tiles that touch).
+    tissue
+        Keep only tiles on tissue: ``True`` detects it (:func:`detect_tissue`), a string names a labels
+        element holding a tissue mask, ``False`` keeps the whole image.
+    min_tissue_fraction
+        Fraction of a tile that must be tissue to keep it.
+    pixel_size_um
+        Level-0 pixel size of the image, when it has no micrometre coordinate system.
+    key_added
+        Name of the shapes element; default ``f"{image_key}_grid"``.
+    inplace
+        Add the shapes to ``sdata``; ``False`` returns them.
+
+    Returns
+    -------
+    With ``inplace=True``, adds ``sdata.shapes[key_added]``: square polygons in the image's pixel coordinates,
+    on every coordinate system of the image, with columns ``grid_row``, ``grid_col``, ``x_um``, ``y_um`` and
+    ``tissue_fraction``. Otherwise returns them.
+
+    Examples
+    --------
+    >>> import histoseq as hs
+    >>> sdata = hs.datasets.synthetic(n_sections=1)
+    >>> hs.pp.make_grid(sdata, image_key="section0_image", spacing_um=50)
+    >>> len(sdata.shapes["section0_image_grid"]) > 0
+    True
+
+    """
+    import geopandas as gpd
+    import shapely
+    from spatialdata.models import ShapesModel
+
+    image_key = resolve_key(image_key, list(sdata.images.keys()), "image", "image_key")
+    if not (np.isfinite(spacing_um) and spacing_um > 0):
+        raise ValueError(f"`spacing_um` must be a positive distance in µm, got {spacing_um!r}.")
+    tile_size_um = spacing_um if tile_size_um is None else tile_size_um
+    if not (np.isfinite(tile_size_um) and tile_size_um > 0):
+        raise ValueError(f"`tile_size_um` must be a positive size in µm, got {tile_size_um!r}.")
+    if not 0 <= min_tissue_fraction <= 1:
+        raise ValueError(f"`min_tissue_fraction` must lie in [0, 1], got {min_tissue_fraction!r}.")
+    ref = image_ref(sdata, image_key, pixel_size_um=pixel_size_um)
+    h, w = ref.shape
+    step = spacing_um / ref.pixel_size_um
+    half = tile_size_um / ref.pixel_size_um / 2
+    xs = np.arange(step / 2, w, step)
+    ys = np.arange(step / 2, h, step)
+    if len(xs) * len(ys) > 5_000_000:
+        raise ValueError(
+            f"A {spacing_um} µm grid on image {image_key!r} has {len(xs) * len(ys):,} tiles; choose a larger spacing."
+        )
+    gx, gy = np.meshgrid(xs, ys)
+    rows, cols = np.meshgrid(np.arange(len(ys)), np.arange(len(xs)), indexing="ij")
+    if tissue is False:
+        fraction = np.ones(gx.shape)
+    else:
+        if isinstance(tissue, str):
+            mask_da = sdata.labels[resolve_key(tissue, list(sdata.labels.keys()), "labels element", "tissue")]
+            mask_da = image_levels(mask_da)[0] if not hasattr(mask_da, "sizes") else mask_da
+            mask = np.asarray(mask_da.data) > 0
+        else:
+            mask, _ = _tissue_mask(sdata, image_key, _MAX_DETECTION_PX, "otsu")
+        fraction = _box_fraction(mask, gx, gy, half, (h, w))
+    keep = fraction >= min_tissue_fraction
+    if not keep.any():
+        raise ValueError(
+            f"No grid tile of image {image_key!r} has {min_tissue_fraction:.0%} tissue. Lower `min_tissue_fraction`, "
+            "pass `tissue=False`, or check the image."
+        )
+    cx, cy = gx[keep], gy[keep]
+    boxes = shapely.box(cx - half, cy - half, cx + half, cy + half)
+    gdf = gpd.GeoDataFrame(
+        {
+            "grid_row": rows[keep],
+            "grid_col": cols[keep],
+            "x_um": cx * ref.pixel_size_um,
+            "y_um": cy * ref.pixel_size_um,
+            "tissue_fraction": fraction[keep],
+        },
+        geometry=boxes,
+    )
+    shapes = ShapesModel.parse(gdf, transformations=transformations(sdata.images[image_key]))
+    if not inplace:
+        return shapes
+    key = key_added or f"{image_key}_grid"
+    _write(sdata, "shapes", key, shapes)
+    logger.info("Grid of %d tiles (%g µm) on %r; added shapes %r.", len(shapes), spacing_um, image_key, key)
+    return None
+
+
+def _box_fraction(mask: np.ndarray, cx: np.ndarray, cy: np.ndarray, half: float, shape0: tuple[int, int]) -> np.ndarray:
+    """Fraction of mask pixels in the boxes ``[c - half, c + half)`` given in level-0 pixels (summed-area table)."""
+    mh, mw = mask.shape
+    fy, fx = mh / shape0[0], mw / shape0[1]
+    sat = np.zeros((mh + 1, mw + 1))
+    sat[1:, 1:] = mask.astype(float).cumsum(0).cumsum(1)
+
+    def idx(v: np.ndarray, f: float, n: int) -> np.ndarray:
+        return np.clip(np.rint(v * f).astype(int), 0, n)
+
+    x0, x1 = idx(cx - half, fx, mw), idx(cx + half, fx, mw)
+    y0, y1 = idx(cy - half, fy, mh), idx(cy + half, fy, mh)
+    total = sat[y1, x1] - sat[y0, x1] - sat[y1, x0] + sat[y0, x0]
+    area = np.maximum((x1 - x0) * (y1 - y0), 1)
+    return total / area
