@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
     from spatialdata import SpatialData
@@ -27,7 +27,9 @@ def _merge_attrs(attrs: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def concatenate(sdatas: Iterable[SpatialData], *, table_key: str = "table") -> SpatialData:
+def concatenate(
+    sdatas: Iterable[SpatialData], *, table_key: str = "table", join: Literal["inner", "outer"] = "inner"
+) -> SpatialData:
     """Concatenate sections (each with its own elements and coordinate systems) into one SpatialData.
 
     The tables named ``table_key`` are concatenated into one table that annotates every section's spots;
@@ -40,6 +42,9 @@ def concatenate(sdatas: Iterable[SpatialData], *, table_key: str = "table") -> S
         The sections.
     table_key
         Name of the table in every section.
+    join
+        Genes to keep: ``"inner"``, those measured in every section (what a model trained on some sections and
+        applied to others can use); ``"outer"``, all of them, zero where a section lacks a gene.
 
     Returns
     -------
@@ -64,4 +69,6 @@ def concatenate(sdatas: Iterable[SpatialData], *, table_key: str = "table") -> S
     missing = [i for i, s in enumerate(sdatas) if table_key not in s.tables]
     if missing:
         raise KeyError(f"Section(s) {missing} have no table {table_key!r}.")
-    return sd.concatenate(sdatas, concatenate_tables=True, attrs_merge=_merge_attrs)
+    if join not in ("inner", "outer"):
+        raise ValueError(f"`join` must be 'inner' or 'outer', got {join!r}.")
+    return sd.concatenate(sdatas, concatenate_tables=True, attrs_merge=_merge_attrs, join=join, merge="same")
