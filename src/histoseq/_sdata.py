@@ -179,11 +179,26 @@ class ImageRef:
         lvl = self.levels[0]
         return int(lvl.sizes["y"]), int(lvl.sizes["x"])
 
-    def level_downsample(self, level: int) -> tuple[float, float]:
-        """Size of a pixel of ``level`` in level-0 pixels, along ``(y, x)``."""
+    def level_to_level0(self, level: int) -> np.ndarray:
+        """Affine (3×3, on ``(x, y, 1)``) from intrinsic pixels of ``level`` to those of level 0.
+
+        Read from the levels' transformations: spatialdata's pyramids halve exactly and drop an odd last
+        pixel, so the shape ratio (5901 / 2950) would misplace windows by up to half a pixel.
+        """
+        if level == 0:
+            return np.eye(3)
+        t0, tk = transformations(self.levels[0]), transformations(self.levels[level])
+        common = sorted(set(t0) & set(tk))
+        if common:
+            return np.linalg.inv(affine_xy(t0[common[0]])) @ affine_xy(tk[common[0]])
         h0, w0 = self.shape
         lvl = self.levels[level]
-        return h0 / int(lvl.sizes["y"]), w0 / int(lvl.sizes["x"])
+        return np.diag([w0 / int(lvl.sizes["x"]), h0 / int(lvl.sizes["y"]), 1.0])
+
+    def level_downsample(self, level: int) -> tuple[float, float]:
+        """Size of a pixel of ``level`` in level-0 pixels, along ``(y, x)``."""
+        m = self.level_to_level0(level)
+        return float(np.linalg.norm(m[:2, 1])), float(np.linalg.norm(m[:2, 0]))
 
     def choose_level(self, target_pixel_size_um: float, tolerance: float = 0.05) -> int:
         """The coarsest level whose pixels are not coarser than the target (within ``tolerance``).
@@ -257,27 +272,37 @@ def pick_image(sdata: SpatialData, element: Any, image_key: str | None, what: st
     return min(candidates, key=pixel_size_in_cs)
 
 
-def _technology(sdata: SpatialData, table: ad.AnnData | None) -> str | None:
+def _technology(sdata: SpatialData) -> str | None:
     if sdata.attrs.get("spatialdata_io_reader") == "visium":
         return "visium"
-    hs_attrs = sdata.attrs.get("histoseq", {})
-    if "technology" in hs_attrs:
-        return hs_attrs["technology"]
-    return None
+    return sdata.attrs.get("histoseq", {}).get("technology")
 
 
-def resolve_pixel_size(
-    sdata: SpatialData,
-    image_key: str,
-    *,
-    pixel_size_um: float | None = None,
-    spot_centers_px: np.ndarray | None = None,
-    table: ad.AnnData | None = None,
-) -> tuple[float, str]:
+def measured_spot_pitch_px(sdata: SpatialData, image_key: str) -> float | None:
+    """Median nearest-neighbour distance, in level-0 pixels of the image, of the spots that tables annotate.
+
+    Only table regions that share a coordinate system with the image count (never a grid or other shapes):
+    the measured spots of the section. ``None`` when there are none.
+    """
+    image = sdata.images[image_key]
+    pitches = []
+    for table in sdata.tables.values():
+        if "spatialdata_attrs" not in table.uns:
+            continue
+        for region in table_keys(table)[0]:
+            if region in sdata.shapes and shared_coordinate_systems(sdata.shapes[region], image):
+                centers, _ = centers_in_image(sdata, region, image_key)
+                if len(centers) >= 2:
+                    pitches.append(median_nn_distance(centers))
+    return float(np.median(pitches)) if pitches else None
+
+
+def resolve_pixel_size(sdata: SpatialData, image_key: str, *, pixel_size_um: float | None = None) -> tuple[float, str]:
     """Pixel size of level 0 of ``image_key`` in µm, and how it was obtained.
 
     In order: the ``pixel_size_um`` argument; the image's transformation to a micrometre coordinate system;
-    the spot pitch of a known technology (Visium data read by spatialdata-io: 100 µm) measured on the spots.
+    the spot pitch of a known technology (Visium data read by spatialdata-io: 100 µm), measured on the spots
+    that the tables annotate on this image.
     """
     if pixel_size_um is not None:
         if not np.isfinite(pixel_size_um) or pixel_size_um <= 0:
@@ -291,10 +316,11 @@ def resolve_pixel_size(
         if aniso > 0.01:
             logger.warning("Image %r has anisotropic pixels (%.1f%%): using the mean.", image_key, 100 * aniso)
         return value, "um_coordinate_system"
-    tech = _technology(sdata, table)
-    if tech in SPOT_PITCH_UM and spot_centers_px is not None and len(spot_centers_px) >= 2:
-        nn = median_nn_distance(spot_centers_px)
-        return SPOT_PITCH_UM[tech] / nn, "spot_pitch"
+    tech = _technology(sdata)
+    if tech in SPOT_PITCH_UM:
+        nn = measured_spot_pitch_px(sdata, image_key)
+        if nn is not None:
+            return SPOT_PITCH_UM[tech] / nn, "spot_pitch"
     raise ValueError(
         f"The pixel size of image {image_key!r} is unknown: it has no transformation to a micrometre coordinate "
         f"system (one named like '<name>_um'; it has {sorted(level0_affines)}). Pass `pixel_size_um=...`, or "
@@ -303,19 +329,26 @@ def resolve_pixel_size(
     )
 
 
-def image_ref(
-    sdata: SpatialData,
-    image_key: str,
-    *,
-    pixel_size_um: float | None = None,
-    spot_centers_px: np.ndarray | None = None,
-    table: ad.AnnData | None = None,
-) -> ImageRef:
+def image_ref(sdata: SpatialData, image_key: str, *, pixel_size_um: float | None = None) -> ImageRef:
     """Resolve an image element into an :class:`ImageRef`."""
-    value, method = resolve_pixel_size(
-        sdata, image_key, pixel_size_um=pixel_size_um, spot_centers_px=spot_centers_px, table=table
-    )
+    value, method = resolve_pixel_size(sdata, image_key, pixel_size_um=pixel_size_um)
     return ImageRef(image_key, tuple(image_levels(sdata.images[image_key])), value, method)
+
+
+def resolve_image_key(sdata: SpatialData, image_key: str | None) -> str:
+    """The image to work on: ``image_key``, the only image, or the finest of one section's images.
+
+    Several images on one coordinate system (Visium's full-resolution, hires and lowres images) are one
+    section at several resolutions: the finest is taken. Images of several sections need ``image_key``.
+    """
+    keys = list(sdata.images.keys())
+    if image_key is not None or len(keys) <= 1:
+        return resolve_key(image_key, keys, "image", "image_key")
+    systems = [set(transformations(sdata.images[k])) for k in keys]
+    if set.intersection(*systems):
+        cs = sorted(set.intersection(*systems))[0]
+        return min(keys, key=lambda k: pixel_size_from_affine(affine_xy(transformations(sdata.images[k])[cs]))[0])
+    raise ValueError(f"Several images found: {sorted(keys)}. Choose one with `image_key=...`.")
 
 
 def centers_in_image(sdata: SpatialData, shapes_key: str, image_key: str) -> tuple[np.ndarray, np.ndarray | None]:
@@ -407,7 +440,7 @@ def resolve_regions(
                     f"{int((pos < 0).sum())} table rows have no shape in {region!r} (instance ids such as "
                     f"{list(bad)}); the table's `{instance_key}` must match the shapes index."
                 )
-            ref = image_ref(sdata, img_key, pixel_size_um=pixel_size_um, spot_centers_px=centers, table=table)
+            ref = image_ref(sdata, img_key, pixel_size_um=pixel_size_um)
             out.append(
                 Region(
                     region,
@@ -427,6 +460,6 @@ def resolve_regions(
     centers, radius = centers_in_image(sdata, key, img_key)
     names = shapes.index.astype(str).to_numpy()
     rows = select_rows(len(shapes), names, spots)
-    ref = image_ref(sdata, img_key, pixel_size_um=pixel_size_um, spot_centers_px=centers)
+    ref = image_ref(sdata, img_key, pixel_size_um=pixel_size_um)
     radius = None if radius is None else radius[rows]
     return [Region(key, ref, centers[rows], rows, names[rows], radius, np.arange(len(rows)))]

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .._sdata import image_levels, image_ref, resolve_key, transformations
+from .._sdata import image_levels, image_ref, resolve_image_key, resolve_key, transformations
 
 if TYPE_CHECKING:
     import geopandas as gpd
@@ -73,7 +73,7 @@ def detect_tissue(
     sdata
         SpatialData with the image.
     image_key
-        The image; inferred when there is one.
+        The image; inferred when there is one (or one section's images at several resolutions: the finest).
     method
         Detection method of squidpy (``"otsu"`` or ``"felzenszwalb"``).
     max_pixels
@@ -99,7 +99,7 @@ def detect_tissue(
     """
     from spatialdata.models import Labels2DModel
 
-    image_key = resolve_key(image_key, list(sdata.images.keys()), "image", "image_key")
+    image_key = resolve_image_key(sdata, image_key)
     mask, lvl = _tissue_mask(sdata, image_key, max_pixels, method)
     level = image_levels(sdata.images[image_key])[lvl]
     labels = Labels2DModel.parse(mask.astype(np.uint8), dims=("y", "x"), transformations=transformations(level))
@@ -145,7 +145,7 @@ def make_grid(
     spacing_um
         Centre-to-centre distance of the tiles in µm.
     image_key
-        The image; inferred when there is one.
+        The image; inferred when there is one (or one section's images at several resolutions: the finest).
     tile_size_um
         Side of each tile in µm; by default ``spacing_um`` (tiles that touch).
     tissue
@@ -179,7 +179,7 @@ def make_grid(
     import shapely
     from spatialdata.models import ShapesModel
 
-    image_key = resolve_key(image_key, list(sdata.images.keys()), "image", "image_key")
+    image_key = resolve_image_key(sdata, image_key)
     if not (np.isfinite(spacing_um) and spacing_um > 0):
         raise ValueError(f"`spacing_um` must be a positive distance in µm, got {spacing_um!r}.")
     tile_size_um = spacing_um if tile_size_um is None else tile_size_um

@@ -110,7 +110,8 @@ def _plan(
         dy, dx = ref.level_downsample(lvl)
         size_x = patch_size_um / (ref.pixel_size_um * dx)
         size_y = patch_size_um / (ref.pixel_size_um * dy)
-        centers = reg.centers_px[keep] / np.array([dx, dy])
+        to_level = np.linalg.inv(ref.level_to_level0(lvl))
+        centers = reg.centers_px[keep] @ to_level[:2, :2].T + to_level[:2, 2]
         win = Windows(centers, size_x, size_y)
         lh, lw = (int(ref.levels[lvl].sizes[d]) for d in ("y", "x"))
         bx0, bx1, by0, by1 = win.bounds()
