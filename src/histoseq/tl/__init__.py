@@ -1,3 +1,35 @@
-"""Tools: embeddings, expression models and their evaluation (coming with the next issues)."""
+"""Tools: embeddings, expression models and their evaluation.
 
-__all__: list[str] = []
+Each tool lives in its own module and is imported on first use, so that ``hs.tl`` stays quick to import
+(torch and lightning load only with the tools that need them).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_TOOLS = {
+    "embed": "._embed",
+    "list_encoders": "._embed",
+    "pretrain_encoder": "._pretrain",
+    "fit": "._fit",
+    "predict": "._fit",
+    "load_model": "._fit",
+    "ExpressionModel": "._fit",
+    "select_genes": "._genes",
+    "evaluate": "._evaluate",
+    "cross_validate": "._evaluate",
+}
+__all__ = sorted(_TOOLS)
+
+
+def __getattr__(name: str):
+    if name in _TOOLS:
+        value = getattr(importlib.import_module(_TOOLS[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return __all__
