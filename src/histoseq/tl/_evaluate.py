@@ -1,0 +1,542 @@
+"""Honest evaluation of expression predictions: per-gene scores by section, and cross-validation."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .._sdata import get_table, select_rows
+from ._fit import (
+    ExpressionModel,
+    _column_pearson,
+    _embedding_matrix,
+    _group_labels,
+    _prediction_info,
+    fit,
+    transform_counts,
+    write_table,
+)
+
+if TYPE_CHECKING:
+    import anndata as ad
+    import pandas as pd
+    from spatialdata import SpatialData
+
+logger = logging.getLogger(__name__)
+
+#: Per-gene scores, in the order of the columns of :func:`evaluate`'s result.
+METRICS = ("pearson", "spearman", "mse", "pearson_partial_depth")
+
+
+# --------------------------------------------------------------------------------------------------
+# Array layer
+# --------------------------------------------------------------------------------------------------
+
+
+def _residuals(a: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """Residuals of the columns of ``a`` after a least-squares fit on ``d`` (with an intercept)."""
+    a = a - a.mean(axis=0)
+    dc = d - d.mean()
+    dd = float(dc @ dc)
+    if dd <= 1e-12 * max(1.0, float(np.abs(d).max(initial=0.0))) ** 2:
+        return a  # constant depth: nothing to regress out
+    return a - np.outer(dc, (dc @ a) / dd)
+
+
+def _scores_finite(pred: np.ndarray, truth: np.ndarray, depth: np.ndarray) -> dict[str, np.ndarray]:
+    from scipy.stats import rankdata
+
+    n, g = pred.shape
+    if n < 2:
+        nan = np.full(g, np.nan)
+        mse = ((pred - truth) ** 2).mean(axis=0) if n else nan
+        return {"pearson": nan, "spearman": nan.copy(), "mse": mse, "pearson_partial_depth": nan.copy()}
+    return {
+        "pearson": _column_pearson(pred, truth),
+        "spearman": _column_pearson(rankdata(pred, axis=0), rankdata(truth, axis=0)),
+        "mse": ((pred - truth) ** 2).mean(axis=0),
+        "pearson_partial_depth": _column_pearson(_residuals(pred, depth), _residuals(truth, depth)),
+    }
+
+
+def gene_scores(pred: np.ndarray, truth: np.ndarray, depth: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-gene Pearson, Spearman, MSE and depth-partial Pearson of predictions against truth.
+
+    ``pred`` and ``truth`` are ``(n_spots, n_genes)``, ``depth`` is ``(n_spots,)`` (log total counts).
+    A gene is scored on the spots where its prediction is finite; a gene that is constant (in
+    prediction or truth) gets NaN correlations.
+    """
+    pred = np.asarray(pred, dtype=np.float64)
+    truth = np.asarray(truth, dtype=np.float64)
+    depth = np.asarray(depth, dtype=np.float64)
+    ok = np.isfinite(pred)
+    if ok.all():
+        out = _scores_finite(pred, truth, depth)
+        out["n_spots"] = np.full(pred.shape[1], pred.shape[0])
+        return out
+    out = {m: np.full(pred.shape[1], np.nan) for m in METRICS}
+    out["n_spots"] = ok.sum(axis=0)
+    # genes sharing a pattern of finite spots are scored together
+    patterns: dict[bytes, list[int]] = {}
+    for j in range(pred.shape[1]):
+        patterns.setdefault(np.packbits(ok[:, j]).tobytes(), []).append(j)
+    for cols in patterns.values():
+        rows = ok[:, cols[0]]
+        if not rows.any():
+            continue
+        part = _scores_finite(pred[np.ix_(rows, cols)], truth[np.ix_(rows, cols)], depth[rows])
+        for m in METRICS:
+            out[m][cols] = part[m]
+    return out
+
+
+def _score_table(
+    pred: np.ndarray,
+    truth: np.ndarray,
+    depth: np.ndarray,
+    genes: Sequence[str],
+    labels: np.ndarray | None,
+) -> pd.DataFrame:
+    """Tidy scores: one row per gene and section, plus the section ``"all"`` (all spots pooled)."""
+    import pandas as pd
+
+    parts = []
+    sections = [] if labels is None else list(dict.fromkeys(labels.tolist()))
+    for section in [*sections, "all"]:
+        rows = np.ones(len(pred), bool) if section == "all" else labels == section
+        s = gene_scores(pred[rows], truth[rows], depth[rows])
+        parts.append(
+            pd.DataFrame(
+                {"section": section, "gene": list(genes), "n_spots": s["n_spots"], **{m: s[m] for m in METRICS}}
+            )
+        )
+    return pd.concat(parts, ignore_index=True)
+
+
+def _summary(scores: pd.DataFrame) -> dict[str, Any]:
+    """Means and medians over genes of the pooled (``"all"``) scores, and mean Pearson per section."""
+    pooled = scores[scores["section"] == "all"]
+    r = pooled["pearson"].to_numpy(float)
+    out: dict[str, Any] = {
+        "n_genes": len(pooled),
+        "n_spots": int(pooled["n_spots"].max()) if len(pooled) else 0,
+        "pearson_mean": _nan_stat(np.nanmean, r),
+        "pearson_median": _nan_stat(np.nanmedian, r),
+        "n_genes_pearson_positive": int(np.sum(r > 0)),
+        "spearman_mean": _nan_stat(np.nanmean, pooled["spearman"].to_numpy(float)),
+        "mse_mean": _nan_stat(np.nanmean, pooled["mse"].to_numpy(float)),
+        "pearson_partial_depth_mean": _nan_stat(np.nanmean, pooled["pearson_partial_depth"].to_numpy(float)),
+    }
+    per_section = scores[scores["section"] != "all"].groupby("section", sort=False)["pearson"]
+    out["pearson_mean_by_section"] = {str(k): _nan_stat(np.nanmean, v.to_numpy(float)) for k, v in per_section}
+    return out
+
+
+def _nan_stat(fn: Any, values: np.ndarray) -> float:
+    values = values[np.isfinite(values)]
+    return float(fn(values)) if values.size else float("nan")
+
+
+def _depth(counts: Any) -> np.ndarray:
+    """``log1p`` of the total counts of each spot (over all genes of the table)."""
+    return np.log1p(np.asarray(counts.sum(axis=1), dtype=np.float64).ravel())
+
+
+# --------------------------------------------------------------------------------------------------
+# evaluate
+# --------------------------------------------------------------------------------------------------
+
+
+def _transform_from_uns(value: Any) -> str | None:
+    return None if value in (None, "none", "None", "") else str(value)
+
+
+def evaluate(
+    sdata: SpatialData | ad.AnnData,
+    *,
+    layer: str = "predicted",
+    table_key: str | None = "table",
+    spots: Any = None,
+    groups: str | None = "sample_id",
+    key_added: str | None = None,
+) -> pd.DataFrame:
+    """Score predicted expression against the measured counts, gene by gene and section by section.
+
+    The truth is the model's target transform (recorded by :func:`histoseq.tl.predict` in
+    ``uns[layer]['target_transform']``) of the counts in ``X``, so predictions and truth are on the same
+    scale. For each gene, over the chosen spots of each section (``obs[groups]``) and over all of them
+    pooled (section ``"all"``):
+
+    - ``pearson``: Pearson correlation of prediction and truth;
+    - ``spearman``: Spearman rank correlation;
+    - ``mse``: mean squared error (on the transformed scale);
+    - ``pearson_partial_depth``: Pearson correlation after regressing the log total counts of each spot
+      (``log1p`` of the sum over all genes) out of both prediction and truth. An image predicts
+      cellularity (dense tissue, many nuclei), and cellularity predicts sequencing depth: dense spots
+      yield more transcripts of nearly every gene. A model can therefore score well by predicting
+      depth alone, even for genes whose normalised expression it does not know; the partial correlation
+      removes what depth explains and keeps what the image says beyond it. With ``target_transform=None``
+      or ``"log1p"`` (no depth normalisation), the gap between the two scores is the share of the
+      raw score that is depth.
+
+    A gene constant over a section (in truth or prediction) gets NaN correlations there, not an error.
+    Scores on training spots are optimistic: evaluating sections that the model was trained on is allowed
+    but logged as a warning, and flagged in the ``in_training`` column.
+
+    Parameters
+    ----------
+    sdata
+        The SpatialData (or its table) holding the predictions and the counts.
+    layer
+        The layer of predictions written by :func:`histoseq.tl.predict` (or by
+        :func:`histoseq.tl.cross_validate` with ``key_added``).
+    table_key
+        The table.
+    spots
+        Spots to score: ``None`` (every spot with a prediction), a boolean mask, names or positions.
+    groups
+        Column of ``obs`` with section labels, scored separately; ``None`` for the pooled score only.
+    key_added
+        Prefix of the written scores (default: ``layer``).
+
+    Returns
+    -------
+    A tidy :class:`pandas.DataFrame` with one row per section and gene (``section``, ``gene``,
+    ``n_spots``, ``pearson``, ``spearman``, ``mse``, ``pearson_partial_depth``, ``in_training``), the
+    pooled rows having ``section == "all"``. Also sets ``table.var[f"{key}_pearson"]``,
+    ``[f"{key}_spearman"]``, ``[f"{key}_mse"]`` and ``[f"{key}_pearson_partial_depth"]`` (pooled scores;
+    NaN for genes without predictions) and ``table.uns[f"{key}_scores"]`` (``pearson_mean``,
+    ``pearson_median``, ``n_genes_pearson_positive``, ``spearman_mean``, ``mse_mean``,
+    ``pearson_partial_depth_mean``, ``n_genes``, ``n_spots``, ``pearson_mean_by_section``, ``params``),
+    with ``key = key_added or layer``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import histoseq as hs
+    >>> sdata = hs.datasets.synthetic(n_sections=3, section_size_um=900, progress=False)
+    >>> t = sdata.tables["table"]
+    >>> t.obsm["X_demo"] = np.random.default_rng(0).normal(size=(t.n_obs, 8))
+    >>> model = hs.tl.fit(sdata, genes=10, embedding="X_demo", train=["section0", "section1"], progress=False)
+    >>> hs.tl.predict(sdata, model, spots=(t.obs["sample_id"] == "section2").to_numpy())
+    >>> scores = hs.tl.evaluate(sdata)
+    >>> sorted(scores["section"].unique())
+    ['all', 'section2']
+    >>> "predicted_pearson" in t.var
+    True
+
+    """
+    import anndata as ad
+
+    if isinstance(sdata, ad.AnnData):
+        tkey, table = None, sdata
+    else:
+        tkey, table = get_table(sdata, table_key)
+        if layer not in table.layers and layer in sdata.tables:
+            raise ValueError(
+                f"{layer!r} is a separate table of predictions (made for spots whose table lacks the model's genes, "
+                "e.g. an H&E-only slide): there is no measured expression to evaluate it against."
+            )
+    if layer not in table.layers:
+        raise KeyError(
+            f"Layer {layer!r} not found (layers: {sorted(table.layers)}). Write predictions first with "
+            "`hs.tl.predict(sdata, model, key_added=...)`."
+        )
+    info = table.uns.get(layer)
+    if not isinstance(info, dict) or "genes" not in info or "target_transform" not in info:
+        raise ValueError(
+            f"`uns[{layer!r}]` must record the predicted `genes` and the `target_transform` (as "
+            "`hs.tl.predict` writes them)."
+        )
+    genes = [str(g) for g in np.asarray(info["genes"]).tolist()]
+    cols = table.var_names.get_indexer(genes)
+    if (cols < 0).any():
+        raise KeyError(f"Genes of `uns[{layer!r}]['genes']` are not in the table: {np.asarray(genes)[cols < 0][:10]}.")
+    transform = _transform_from_uns(info["target_transform"])
+    labels = _group_labels(table, groups)
+    pred_all = np.asarray(table.layers[layer][:, cols], dtype=np.float64)
+    if spots is None:
+        rows = np.flatnonzero(np.isfinite(pred_all).any(axis=1))
+        if rows.size == 0:
+            raise ValueError(f"Layer {layer!r} holds no finite prediction.")
+    else:
+        rows = select_rows(table.n_obs, table.obs_names, spots)
+        if rows.size == 0:
+            raise ValueError("`spots` selects no spot.")
+    counts = table.X[rows]
+    truth = transform_counts(counts, transform, cols)  # raises on NaN counts, before anything is written
+    scores = _score_table(pred_all[rows], truth, _depth(counts), genes, None if labels is None else labels[rows])
+
+    trained_on = set(np.asarray(info.get("train_groups", [])).astype(str).tolist())
+    same_groups = groups is not None and str(info.get("groups", "")) == groups
+    if same_groups:
+        scores["in_training"] = [
+            bool(trained_on & set(labels[rows])) if s == "all" else s in trained_on for s in scores["section"]
+        ]
+        overlap = sorted(trained_on & set(labels[rows]))
+        if overlap:
+            logger.warning(
+                "Evaluating spots of %s, which the model was trained on: their scores are optimistic.", overlap
+            )
+    else:
+        scores["in_training"] = False
+
+    key = key_added or layer
+    pooled = scores[scores["section"] == "all"].set_index("gene")
+    for m in METRICS:
+        col = np.full(table.n_vars, np.nan)
+        col[cols] = pooled.loc[genes, m].to_numpy(float)
+        table.var[f"{key}_{m}"] = col
+    summary = _summary(scores)
+    summary["params"] = {"layer": layer, "groups": groups or "", "target_transform": transform or "none"}
+    table.uns[f"{key}_scores"] = summary
+    if tkey is not None:
+        write_table(sdata, tkey)
+    logger.info(
+        "Scored %d genes on %d spots: mean Pearson %.3f; added var['%s_pearson'] etc. and uns['%s_scores'].",
+        len(genes),
+        len(rows),
+        summary["pearson_mean"],
+        key,
+        key,
+    )
+    return scores
+
+
+# --------------------------------------------------------------------------------------------------
+# cross_validate
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CrossValidation:
+    """Results of :func:`histoseq.tl.cross_validate`.
+
+    Attributes
+    ----------
+    scores
+        One row per fold and gene: ``fold``, ``test_group``, ``gene``, ``n_spots``, ``pearson``,
+        ``spearman``, ``mse``, ``pearson_partial_depth`` (on the held-out group's spots).
+    summary
+        One row per fold: ``fold``, ``test_group``, ``n_train_spots``, ``n_test_spots``, ``n_genes``,
+        ``alpha`` (ridge) or ``best_epoch`` (MLP), ``pearson_mean``, ``pearson_median``,
+        ``n_genes_pearson_positive``, ``spearman_mean``, ``mse_mean``, ``pearson_partial_depth_mean``.
+    params
+        The options of the run.
+    models
+        The model of each fold when ``keep_models=True``, else ``None``.
+
+    """
+
+    scores: pd.DataFrame
+    summary: pd.DataFrame
+    params: dict[str, Any]
+    models: list[ExpressionModel] | None = field(default=None, repr=False)
+
+    @property
+    def mean_pearson(self) -> float:
+        """Mean over folds of the mean Pearson over genes."""
+        return float(np.nanmean(self.summary["pearson_mean"].to_numpy(float)))
+
+    def __repr__(self) -> str:
+        s = self.summary["pearson_mean"].to_numpy(float)
+        return (
+            f"CrossValidation: {len(self.summary)} folds leaving out one {self.params['groups']!r} "
+            f"({self.params['method']} on {self.params['embedding']!r}); mean Pearson over genes "
+            f"{np.nanmean(s):.3f} ± {np.nanstd(s):.3f} across folds. See `.scores` (per fold and gene) "
+            "and `.summary` (per fold)."
+        )
+
+
+def _check_donor_leakage(labels: np.ndarray, donors: np.ndarray, groups: str, donor_key: str) -> None:
+    problems = []
+    for g in np.unique(labels):
+        held = labels == g
+        shared = sorted(set(donors[held]) & set(donors[~held]))
+        if shared:
+            problems.append(f"holding out {g!r} leaves donor(s) {shared} in training")
+    if problems:
+        raise ValueError(
+            f"Leave-one-{groups!r}-out would put sections of the same donor on both sides of a split ("
+            + "; ".join(problems[:5])
+            + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+            + f"). Donor effects would leak into the scores: group the folds by donor (`groups={donor_key!r}`)."
+        )
+
+
+def cross_validate(
+    sdata: SpatialData,
+    *,
+    groups: str = "sample_id",
+    donor_key: str | None = None,
+    genes: int | Sequence[str] = 50,
+    method: str = "ridge",
+    embedding: str = "X_morphology",
+    table_key: str | None = "table",
+    target_transform: str | None = "log1p_cp10k",
+    key_added: str | None = None,
+    keep_models: bool = False,
+    random_state: int | None = 0,
+    progress: bool = True,
+    **fit_kwargs: Any,
+) -> CrossValidation:
+    """Leave-one-group-out cross-validation of an expression model, leakage-free by construction.
+
+    For each value of ``obs[groups]`` (a section, or a donor), a model is fitted by
+    :func:`histoseq.tl.fit` with ``train=`` the other groups, so that everything learnt (gene selection,
+    scaling, principal components, penalty, early stopping) sees the training groups only; it predicts
+    the held-out group, which is scored as in :func:`histoseq.tl.evaluate`. With ``genes=n`` each fold
+    selects its own genes.
+
+    Sections of one donor share biology and handling; a fold that trains on one section of a donor and
+    tests on another overestimates how the model does on a new patient. With ``donor_key``, such a split
+    is refused unless the folds are the donors themselves (``groups == donor_key``).
+
+    Parameters
+    ----------
+    sdata
+        The SpatialData, with counts in the table's ``X`` and the embedding in ``obsm[embedding]``.
+    groups
+        Column of ``obs`` whose values are held out one at a time.
+    donor_key
+        Column of ``obs`` with donor labels, to check that no donor is on both sides of a split.
+    genes
+        Gene names, or the number of genes each fold selects on its training spots.
+    method
+        ``"ridge"``, ``"ridge_hest"`` or ``"mlp"``.
+    embedding
+        Key of the embedding in ``obsm``.
+    table_key
+        The table.
+    target_transform
+        Transform of the counts (see :func:`histoseq.tl.fit`).
+    key_added
+        When given, write the held-out predictions of all folds into ``table.layers[key_added]`` (with
+        ``uns[key_added]``), ready for :func:`histoseq.tl.evaluate`. By default nothing is written.
+    keep_models
+        Keep each fold's model in the result.
+    random_state
+        Seed passed to :func:`histoseq.tl.fit`.
+    progress
+        Show a progress bar over folds.
+    **fit_kwargs
+        Further options of :func:`histoseq.tl.fit` (``min_spot_fraction``, ``max_epochs``, ``alphas``, ...).
+
+    Returns
+    -------
+    A :class:`CrossValidation` with ``scores`` (per fold and gene), ``summary`` (per fold), ``params``
+    and optionally ``models``. With ``key_added``, also sets ``table.layers[key_added]`` and
+    ``table.uns[key_added]``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import histoseq as hs
+    >>> sdata = hs.datasets.synthetic(n_sections=3, section_size_um=900, progress=False)
+    >>> t = sdata.tables["table"]
+    >>> t.obsm["X_demo"] = np.random.default_rng(0).normal(size=(t.n_obs, 8))
+    >>> cv = hs.tl.cross_validate(sdata, genes=10, embedding="X_demo", progress=False)
+    >>> cv.summary["test_group"].tolist()
+    ['section0', 'section1', 'section2']
+
+    """
+    import pandas as pd
+    from tqdm.auto import tqdm
+
+    for name in ("train", "spots"):
+        if name in fit_kwargs:
+            raise TypeError(f"`{name}` is set by cross_validate for each fold; it cannot be passed.")
+    tkey, table = get_table(sdata, table_key)
+    labels = _group_labels(table, groups)
+    assert labels is not None
+    uniq = list(dict.fromkeys(labels.tolist()))
+    if len(uniq) < 2:
+        raise ValueError(f"Cross-validation needs at least two values of obs[{groups!r}], found {uniq}.")
+    if donor_key is not None and donor_key != groups:
+        donors = _group_labels(table, donor_key)
+        assert donors is not None
+        _check_donor_leakage(labels, donors, groups, donor_key)
+    if key_added is not None and key_added in table.layers and key_added == "X":
+        raise ValueError("`key_added` cannot be 'X'.")
+    X_emb = _embedding_matrix(table, embedding, f"Table {tkey!r}")
+
+    logger.info("Cross-validating a %s model over %d values of obs[%r].", method, len(uniq), groups)
+    score_parts, summary_rows, models, fold_preds = [], [], [], []
+    for i, g in enumerate(tqdm(uniq, desc="cross-validation folds", disable=not progress)):
+        test = np.flatnonzero(labels == g)
+        model = fit(
+            sdata,
+            genes=genes,
+            method=method,
+            embedding=embedding,
+            train=[u for u in uniq if u != g],
+            table_key=tkey,
+            target_transform=target_transform,
+            groups=groups,
+            random_state=random_state,
+            progress=False,
+            **fit_kwargs,
+        )
+        cols = table.var_names.get_indexer(model.genes)
+        pred = model.predict_embeddings(X_emb[test]).astype(np.float64)
+        counts = table.X[test]
+        truth = transform_counts(counts, model.target_transform, cols)
+        s = gene_scores(pred, truth, _depth(counts))
+        part = pd.DataFrame(
+            {"fold": i, "test_group": g, "gene": model.genes, "n_spots": s["n_spots"], **{m: s[m] for m in METRICS}}
+        )
+        score_parts.append(part)
+        fold_summary = _summary(part.assign(section="all"))
+        p = model.provenance
+        summary_rows.append(
+            {
+                "fold": i,
+                "test_group": g,
+                "n_train_spots": p["n_train_spots"],
+                "n_test_spots": len(test),
+                "n_genes": len(model.genes),
+                **({"alpha": model.alpha} if model.alpha is not None else {"best_epoch": p.get("best_epoch")}),
+                **{k: v for k, v in fold_summary.items() if k not in ("n_genes", "n_spots", "pearson_mean_by_section")},
+            }
+        )
+        if keep_models:
+            models.append(model)
+        if key_added is not None:
+            fold_preds.append((test, cols, pred, model))
+    scores = pd.concat(score_parts, ignore_index=True)
+    summary = pd.DataFrame(summary_rows)
+    params = {
+        "groups": groups,
+        "donor_key": donor_key,
+        "genes": genes if isinstance(genes, int) else list(genes),
+        "method": method,
+        "embedding": embedding,
+        "target_transform": target_transform,
+        "random_state": random_state,
+        **{k: v for k, v in fit_kwargs.items() if isinstance(v, int | float | str | bool)},
+    }
+    if key_added is not None:
+        layer = np.full(table.shape, np.nan, dtype=np.float32)
+        all_genes: set[str] = set()
+        for test, cols, pred, model in fold_preds:
+            layer[np.ix_(test, cols)] = pred
+            all_genes.update(model.genes)
+        table.layers[key_added] = layer
+        info = _prediction_info(fold_preds[0][3], n_spots=table.n_obs, source_table=tkey)
+        info.update(
+            genes=[g for g in table.var_names if g in all_genes],
+            train_groups=[],
+            cross_validated=True,
+            cv_groups=groups,
+        )
+        info.pop("alpha", None)
+        table.uns[key_added] = info
+        write_table(sdata, tkey)
+        logger.info("Added the held-out predictions of %d folds as layer %r of table %r.", len(uniq), key_added, tkey)
+    result = CrossValidation(scores=scores, summary=summary, params=params, models=models if keep_models else None)
+    logger.info("Cross-validation done: %r", result)
+    return result

@@ -1,0 +1,376 @@
+from __future__ import annotations
+
+import importlib.util
+import logging
+
+import numpy as np
+import pytest
+import spatialdata as sd
+import torch
+
+import histoseq as hs
+from histoseq.tl._fit import _column_pearson, transform_counts
+
+TRAIN = ["section0", "section1"]
+TEST = "section2"
+
+
+def standin_embedding(table, *, dim: int = 24, n_noise_dims: int = 16, noise: float = 0.3, seed: int = 0):
+    """What a good encoder would give: random projections of the ground-truth features, plus noise dimensions."""
+    rng = np.random.default_rng(seed)
+    feats = [c for c in table.obs.columns if c.startswith("true_")]
+    f = table.obs[feats].to_numpy(float)
+    f = (f - f.mean(0)) / f.std(0)
+    signal = f @ rng.normal(size=(len(feats), dim)) + noise * rng.normal(size=(table.n_obs, dim))
+    return np.hstack([signal, rng.normal(size=(table.n_obs, n_noise_dims))])
+
+
+def light_copy(sdata):
+    """The spots and a copy of the table, without images (fit and predict read embeddings, not images)."""
+    return sd.SpatialData(shapes=dict(sdata.shapes), tables={"table": sdata.tables["table"].copy()})
+
+
+def subset_table(table, mask):
+    from spatialdata.models import TableModel
+
+    sub = table[mask].copy()
+    sub.obs["region"] = sub.obs["region"].cat.remove_unused_categories()
+    del sub.uns["spatialdata_attrs"]
+    regions = list(sub.obs["region"].cat.categories)
+    return TableModel.parse(sub, region=regions, region_key="region", instance_key="spot_id")
+
+
+def snapshot(sdata):
+    t = sdata.tables["table"]
+    return (
+        sorted(sdata.tables),
+        sorted(t.layers),
+        sorted(t.uns),
+        sorted(t.obsm),
+        list(t.var.columns),
+        list(t.obs.columns),
+        t.X.sum(),
+    )
+
+
+@pytest.fixture(scope="module")
+def base():
+    sdata = hs.datasets.synthetic(n_sections=3, section_size_um=900, random_state=0, progress=False)
+    table = sdata.tables["table"]
+    table.obsm["X_morphology"] = standin_embedding(table)
+    return sdata
+
+
+@pytest.fixture
+def sdata(base):
+    return light_copy(base)
+
+
+@pytest.fixture(scope="module")
+def ridge_model(base):
+    return hs.tl.fit(base, genes=list(base.tables["table"].var_names), train=TRAIN, progress=False)
+
+
+def held_out_pearson(table, model):
+    test = (table.obs["sample_id"] == TEST).to_numpy()
+    pred = model.predict_embeddings(table.obsm[model.embedding][test])
+    truth = transform_counts(table.X[test], model.target_transform, table.var_names.get_indexer(model.genes))
+    return _column_pearson(pred.astype(float), truth), pred, truth
+
+
+def test_ridge_recovers_learnable_genes_on_a_held_out_section(base, ridge_model):
+    table = base.tables["table"]
+    r, _, _ = held_out_pearson(table, ridge_model)
+    var = table.var.loc[ridge_model.genes]
+    learnable = var["learnable"].to_numpy()
+    noise = (var["truth"] == "noise").to_numpy()
+    assert learnable.sum() == 30 and noise.sum() == 20
+    assert np.nanmean(r[learnable]) > 0.6
+    assert np.nanmean(r[learnable]) > np.nanmean(r[~learnable]) + 0.4
+    assert abs(np.nanmean(r[noise])) < 0.15
+    p = ridge_model.provenance
+    assert p["train_groups"] == {"section0": 49, "section1": 50}
+    assert p["alpha_rule"].startswith("cross-validation (leave-one-group-out, 2 folds")
+    assert len(p["cv"]["mse"]) == len(p["cv"]["alphas"])
+    assert "ridge" in repr(ridge_model) and "section0" in repr(ridge_model)
+
+
+def test_cv_penalty_differs_sensibly_from_hest(base, ridge_model):
+    table = base.tables["table"]
+    hest = hs.tl.fit(base, genes=ridge_model.genes, method="ridge_hest", train=TRAIN, progress=False)
+    n_comp = hest.provenance["n_components"]
+    assert hest.alpha == pytest.approx(100 / (n_comp * len(hest.genes)))
+    # 40 noisy dimensions for 99 spots: HEST's tiny fixed penalty overfits, the CV penalty is far larger...
+    assert ridge_model.alpha > 100 * hest.alpha
+    # ...and predicts the held-out section better
+    r_cv, pred_cv, truth = held_out_pearson(table, ridge_model)
+    r_hest, pred_hest, _ = held_out_pearson(table, hest)
+    assert np.mean((pred_cv - truth) ** 2) < np.mean((pred_hest - truth) ** 2)
+    assert np.nanmean(r_cv) > np.nanmean(r_hest)
+
+
+def test_fixed_alpha_grid_and_pca_options(base):
+    model = hs.tl.fit(base, genes=10, train=TRAIN, alpha=5.0, n_components=8, progress=False)
+    assert model.alpha == 5.0 and model.provenance["n_components"] == 8
+    frac = hs.tl.fit(base, genes=10, train=TRAIN, n_components=0.5, alphas=[1, 10, 100], progress=False)
+    assert frac.provenance["n_components"] < 40 and frac.alpha in (1, 10, 100)
+    with pytest.raises(TypeError, match="Unknown option"):
+        hs.tl.fit(base, genes=10, method="ridge_hest", alphas=[1.0], progress=False)
+
+
+def test_single_training_section_uses_spatial_blocks(base, caplog):
+    with caplog.at_level(logging.WARNING, logger="histoseq.tl._fit"):
+        model = hs.tl.fit(base, genes=10, train=["section0"], progress=False)
+    assert "spatial blocks" in model.provenance["alpha_rule"]
+    assert "one group" in caplog.text
+
+
+def test_explicit_genes_and_bad_genes(base):
+    model = hs.tl.fit(base, genes=["TUM1", "DENS1", "NOISE1"], train=TRAIN, progress=False)
+    assert model.genes == ["TUM1", "DENS1", "NOISE1"]
+    with pytest.raises(KeyError, match="NOT_A_GENE"):
+        hs.tl.fit(base, genes=["TUM1", "NOT_A_GENE"], progress=False)
+    with pytest.raises(ValueError, match="more than once"):
+        hs.tl.fit(base, genes=["TUM1", "TUM1"], progress=False)
+
+
+def test_gene_selection_looks_at_training_spots_only(sdata):
+    table = sdata.tables["table"]
+    rng = np.random.default_rng(3)
+    X = table.X.toarray()
+    test = (table.obs["sample_id"] == TEST).to_numpy()
+    j = table.var_names.get_loc("NOISE1")
+    # NOISE1 becomes wildly variable in the test section only
+    X[test, j] = rng.choice([0.0, 400.0], size=test.sum())
+    table.X = type(table.X)(X)
+    assert "NOISE1" in hs.tl.select_genes(sdata, n=20)  # looking at all spots picks it
+    assert "NOISE1" not in hs.tl.select_genes(sdata, n=20, train=TRAIN)
+    assert "NOISE1" not in hs.tl.select_genes(table, n=20, train=~test)  # AnnData and a mask
+    model = hs.tl.fit(sdata, genes=20, train=TRAIN, progress=False)
+    assert "NOISE1" not in model.genes and len(model.genes) == 20
+    assert model.genes == [g for g in table.var_names if g in set(model.genes)]  # table order
+
+
+def test_gene_selection_filters_sparse_genes(sdata):
+    table = sdata.tables["table"]
+    X = table.X.toarray()
+    j = table.var_names.get_loc("NOISE2")
+    X[:, j] = 0
+    X[:3, j] = 500  # detected in 2% of spots, huge dispersion
+    table.X = type(table.X)(X)
+    assert "NOISE2" not in hs.tl.select_genes(sdata, n=59, min_spot_fraction=0.1)
+    assert "NOISE2" in hs.tl.select_genes(sdata, n=60, min_spot_fraction=0.0)
+    if importlib.util.find_spec("skmisc") is None:
+        with pytest.raises(ImportError, match="scikit-misc"):
+            hs.tl.select_genes(sdata, n=10, flavor="seurat_v3")
+
+
+def test_mlp_trains_predicts_and_is_deterministic(base):
+    kw = {"genes": 20, "method": "mlp", "train": TRAIN, "max_epochs": 25, "n_hidden": 32, "progress": False}
+    state = torch.random.get_rng_state()
+    a = hs.tl.fit(base, **kw)
+    assert torch.equal(state, torch.random.get_rng_state())  # the global random state is left alone
+    b = hs.tl.fit(base, **kw)
+    table = base.tables["table"]
+    r, pa, _ = held_out_pearson(table, a)
+    _, pb, _ = held_out_pearson(table, b)
+    np.testing.assert_array_equal(pa, pb)
+    learnable = table.var.loc[a.genes, "learnable"].to_numpy()
+    assert np.nanmean(r[learnable]) > np.nanmean(r[~learnable]) + 0.2
+    p = a.provenance
+    assert p["validation"] in ("group 'section0'", "group 'section1'")  # a training section, never the test one
+    assert 0 <= p["best_epoch"] < p["epochs_run"] <= 25
+    c = hs.tl.fit(base, **{**kw, "random_state": 1})
+    assert not np.array_equal(pa, held_out_pearson(table, c)[1])
+
+
+@pytest.mark.parametrize("method", ["ridge", "mlp"])
+def test_save_load_round_trip(base, tmp_path, method):
+    table = base.tables["table"]
+    model = hs.tl.fit(base, genes=15, method=method, train=TRAIN, max_epochs=5, progress=False)
+    path = model.save(tmp_path / "model.pt")
+    raw = torch.load(path, weights_only=True)  # plain data: readable without unpickling objects
+    assert set(raw) == {"meta", "tensors"} and isinstance(raw["meta"], str)
+    assert all(isinstance(v, torch.Tensor) for v in raw["tensors"].values())
+    loaded = hs.tl.load_model(path)
+    assert loaded.genes == model.genes and loaded.method == method
+    assert loaded.provenance == model.provenance and loaded.target_transform == model.target_transform
+    emb = table.obsm["X_morphology"]
+    np.testing.assert_array_equal(model.predict_embeddings(emb), loaded.predict_embeddings(emb))
+    again = hs.tl.ExpressionModel.load(loaded.save(tmp_path / "again.pt"))
+    np.testing.assert_array_equal(model.predict_embeddings(emb), again.predict_embeddings(emb))
+
+
+class Payload:
+    """Any Python object: pickled by torch.save, refused by weights_only loading."""
+
+    def __init__(self):
+        self.value = 1
+
+
+def test_load_refuses_pickled_objects_and_other_files(tmp_path, ridge_model):
+    path = ridge_model.save(tmp_path / "model.pt")
+    raw = torch.load(path, weights_only=True)
+    evil = tmp_path / "evil.pt"
+    torch.save({**raw, "tensors": {**raw["tensors"], "x": Payload()}}, evil)
+    with pytest.raises(ValueError, match="refuses to unpickle"):
+        hs.tl.load_model(evil)
+    other = tmp_path / "other.pt"
+    torch.save({"state_dict": {"w": torch.zeros(2)}}, other)
+    with pytest.raises(ValueError, match="not a histoseq model file"):
+        hs.tl.load_model(other)
+    text = tmp_path / "model.txt"
+    text.write_text("hello")
+    with pytest.raises(ValueError, match="not a histoseq model file"):
+        hs.tl.load_model(text)
+    with pytest.raises(FileNotFoundError):
+        hs.tl.load_model(tmp_path / "absent.pt")
+
+
+def test_predict_writes_a_layer(sdata, ridge_model):
+    table = sdata.tables["table"]
+    test = (table.obs["sample_id"] == TEST).to_numpy()
+    hs.tl.predict(sdata, ridge_model, spots=test)
+    layer = table.layers["predicted"]
+    assert layer.shape == table.shape and layer.dtype == np.float32
+    cols = table.var_names.get_indexer(ridge_model.genes)
+    assert np.isfinite(layer[np.ix_(test, cols)]).all()
+    assert np.isnan(layer[~test]).all()
+    other = np.setdiff1d(np.arange(table.n_vars), cols)
+    assert np.isnan(layer[:, other]).all()
+    np.testing.assert_allclose(
+        layer[np.ix_(test, cols)], ridge_model.predict_embeddings(table.obsm["X_morphology"][test])
+    )
+    info = table.uns["predicted"]
+    assert list(info["genes"]) == ridge_model.genes and info["target_transform"] == "log1p_cp10k"
+    assert list(info["train_groups"]) == TRAIN
+
+
+def test_predict_on_an_image_only_slide_adds_a_table(sdata, ridge_model):
+    from spatialdata.models import TableModel, get_table_keys
+
+    table = sdata.tables["table"]
+    no_genes = table[:, []].copy()  # an H&E-only slide: spots and embeddings, no expression
+    slide = sd.SpatialData(shapes=dict(sdata.shapes), tables={"table": no_genes})
+    hs.tl.predict(slide, ridge_model, key_added="expr")
+    assert "expr" not in slide.tables["table"].layers
+    new = slide.tables["expr"]
+    TableModel().validate(new)
+    assert list(new.var_names) == ridge_model.genes
+    assert new.n_obs == table.n_obs and (new.obs_names == table.obs_names).all()
+    regions, region_key, instance_key = get_table_keys(new)
+    assert sorted(regions) == sorted(sdata.shapes) and (region_key, instance_key) == ("region", "spot_id")
+    np.testing.assert_array_equal(new.obsm["spatial"], table.obsm["spatial"])
+    np.testing.assert_allclose(new.X, ridge_model.predict_embeddings(table.obsm["X_morphology"]))
+    # a table with only some of the genes gets a new table too, for the chosen spots only
+    part = sd.SpatialData(shapes=dict(sdata.shapes), tables={"table": table[:, table.var_names[:30]].copy()})
+    hs.tl.predict(part, ridge_model, spots=(table.obs["sample_id"] == TEST).to_numpy())
+    assert part.tables["predicted"].n_obs == 52
+    assert get_table_keys(part.tables["predicted"])[0] == "section2_spots"
+    with pytest.raises(ValueError, match="must differ"):
+        hs.tl.predict(part, ridge_model, key_added="table")
+
+
+def test_predict_inplace_false_returns_without_writing(sdata, ridge_model):
+    before = snapshot(sdata)
+    out = hs.tl.predict(sdata, ridge_model, spots=[0, 5, 7], inplace=False)
+    assert snapshot(sdata) == before
+    assert out.shape == (3, len(ridge_model.genes)) and list(out.var_names) == ridge_model.genes
+    assert list(out.obs_names) == list(sdata.tables["table"].obs_names[[0, 5, 7]])
+    assert out.obsm["spatial"].shape == (3, 2)
+
+
+def test_model_predict_method_and_embedding_checks(sdata, ridge_model):
+    ridge_model.predict(sdata, key_added="p2")
+    assert "p2" in sdata.tables["table"].layers
+    table = sdata.tables["table"]
+    table.obsm["X_morphology"] = table.obsm["X_morphology"][:, :5]
+    before = snapshot(sdata)
+    with pytest.raises(ValueError, match="dimensions"):
+        hs.tl.predict(sdata, ridge_model)
+    del table.obsm["X_morphology"]
+    with pytest.raises(KeyError, match=r"hs\.tl\.embed"):
+        hs.tl.predict(sdata, ridge_model)
+    assert snapshot(sdata)[:3] == before[:3]
+
+
+def test_fit_errors_name_the_fix(base, sdata):
+    with pytest.raises(KeyError, match=r"hs\.tl\.embed"):
+        hs.tl.fit(base, embedding="X_absent", progress=False)
+    with pytest.raises(KeyError, match="table"):
+        hs.tl.fit(base, table_key="nope", progress=False)
+    with pytest.raises(KeyError, match="section9"):
+        hs.tl.fit(base, train=["section9"], progress=False)
+    with pytest.raises(ValueError, match="Unknown `method`"):
+        hs.tl.fit(base, method="forest", progress=False)
+    table = sdata.tables["table"]
+    X = table.X.toarray()
+    X[4, 2] = np.nan
+    table.X = type(table.X)(X)
+    before = snapshot(sdata)
+    with pytest.raises(ValueError, match="NaN"):
+        hs.tl.fit(sdata, genes=["TUM1"], progress=False)
+    with pytest.raises(ValueError, match="NaN"):
+        hs.tl.select_genes(sdata, n=5)
+    assert snapshot(sdata)[:-1] == before[:-1]
+
+
+def test_fit_on_several_spatialdata_objects(base):
+    table = base.tables["table"]
+    parts = []
+    for sections in (TRAIN, [TEST]):
+        sub = subset_table(table, table.obs["sample_id"].isin(sections).to_numpy())
+        parts.append(sd.SpatialData(tables={"table": sub}))
+    model = hs.tl.fit(parts, genes=20, random_state=0, progress=False)
+    assert model.provenance["n_train_spots"] == table.n_obs
+    assert sorted(model.provenance["train_groups"]) == ["section0", "section1", "section2"]
+    single = hs.tl.fit(base, genes=20, progress=False)
+    assert single.genes == model.genes
+    np.testing.assert_allclose(
+        single.predict_embeddings(table.obsm["X_morphology"]),
+        model.predict_embeddings(table.obsm["X_morphology"]),
+        rtol=1e-4,
+        atol=1e-5,
+    )
+    bad = parts[1].tables["table"]
+    parts[1] = sd.SpatialData(tables={"table": bad[:, bad.var_names[:10]].copy()})
+    with pytest.raises(ValueError, match="do not share their genes"):
+        hs.tl.fit(parts, genes=5, progress=False)
+
+
+@pytest.mark.filterwarnings("ignore:.*autosharding")
+def test_zarr_backed_prediction_is_written_to_disk(base, ridge_model, tmp_path):
+    path = tmp_path / "slide.zarr"
+    light_copy(base).write(path)
+    backed = sd.read_zarr(path)
+    hs.tl.predict(backed, ridge_model)
+    hs.tl.evaluate(backed)
+    again = sd.read_zarr(path)
+    t = again.tables["table"]
+    assert "predicted" in t.layers and "predicted_pearson" in t.var
+    assert list(t.uns["predicted"]["genes"]) == ridge_model.genes
+
+
+@pytest.mark.skipif(importlib.util.find_spec("histoseq.tl._embed") is None, reason="hs.tl.embed not written yet")
+def test_with_the_morphology_encoder():
+    sdata = hs.datasets.synthetic(n_sections=3, section_size_um=900, random_state=0, progress=False)
+    hs.tl.embed(sdata, encoder="morphology")
+    model = hs.tl.fit(sdata, genes=30, train=TRAIN, progress=False)
+    table = sdata.tables["table"]
+    r, _, _ = held_out_pearson(table, model)
+    learnable = table.var.loc[model.genes, "learnable"].to_numpy()
+    assert np.nanmean(r[learnable]) > np.nanmean(r[~learnable]) + 0.2
+    assert model.embedding_params  # the encoder's parameters travel with the model
+    # a new slide without the embedding: predict computes it with the model's encoder
+    slide = light_copy(sdata)
+    slide = sd.SpatialData(images=dict(sdata.images), shapes=dict(sdata.shapes), tables=dict(slide.tables))
+    del slide.tables["table"].obsm["X_morphology"]
+    hs.tl.predict(slide, model)
+    assert "X_morphology" in slide.tables["table"].obsm
+    cols = table.var_names.get_indexer(model.genes)
+    np.testing.assert_allclose(
+        slide.tables["table"].layers["predicted"][:, cols],
+        model.predict_embeddings(table.obsm["X_morphology"]),
+        rtol=1e-4,
+        atol=1e-4,
+    )
