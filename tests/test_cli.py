@@ -27,3 +27,8 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     assert "section0_image_grid" in back.shapes
     r = float(out.split("Pearson r = ")[1].split()[0])
     assert r > 0.3  # patches show the nuclei that drive the learnable genes
+    rows = {line.split("]", 1)[1].split()[0]: line for line in out.splitlines() if "mean r = " in line}
+    mean_r = {k: float(v.split("mean r = ")[1].split()[0]) for k, v in rows.items()}
+    assert mean_r["nuclei_count"] > 0.5  # learnable genes are predicted on the held-out section
+    assert abs(mean_r["noise"]) < 0.15  # noise genes are not
+    assert (tmp_path / "demo" / "ridge_morphology.pt").exists()
