@@ -328,7 +328,7 @@ def extract_patches(
     region = np.empty(n, dtype=object)
     rows = np.empty(n, dtype=int)
     at_border = np.empty(n, dtype=bool)
-    for p, pos, imgs in _cut(plans, rgb, patch_px, pad_value, 1024, progress):
+    for p, pos, imgs in _cut(plans, rgb, patch_px, pad_value, 128, progress):
         dest = slot[p.region.order[p.keep[pos]]]
         images[dest] = imgs
         names[dest] = p.region.names[p.keep[pos]]
