@@ -463,3 +463,17 @@ def resolve_regions(
     ref = image_ref(sdata, img_key, pixel_size_um=pixel_size_um)
     radius = None if radius is None else radius[rows]
     return [Region(key, ref, centers[rows], rows, names[rows], radius, np.arange(len(rows)))]
+
+
+def store_element(sdata: SpatialData, kind: str, key: str, element: Any = None) -> None:
+    """Put ``element`` (or the already modified element ``key``) in ``sdata.<kind>``, and on disk when backed.
+
+    spatialdata refuses to overwrite an element on disk, so a backed element is deleted there first.
+    """
+    if element is not None:
+        getattr(sdata, kind)[key] = element
+    if sdata.is_backed():
+        paths = sdata.elements_paths_on_disk()
+        if key in paths or f"{kind}/{key}" in paths:
+            sdata.delete_element_from_disk(key)
+        sdata.write_element(key)

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .._sdata import image_levels, image_ref, resolve_image_key, resolve_key, transformations
+from .._sdata import image_levels, image_ref, resolve_image_key, resolve_key, store_element, transformations
 
 if TYPE_CHECKING:
     import geopandas as gpd
@@ -106,18 +106,9 @@ def detect_tissue(
     if not inplace:
         return labels
     key = key_added or f"{image_key}_tissue"
-    _write(sdata, "labels", key, labels)
+    store_element(sdata, "labels", key, labels)
     logger.info("Tissue of %r: %.1f%% of the image; added labels %r.", image_key, 100 * mask.mean(), key)
     return None
-
-
-def _write(sdata: SpatialData, kind: str, key: str, element: Any) -> None:
-    """Add an element, writing it to disk too when the SpatialData is backed by zarr."""
-    getattr(sdata, kind)[key] = element
-    if sdata.is_backed():
-        if key in sdata.elements_paths_on_disk() or f"{kind}/{key}" in sdata.elements_paths_on_disk():
-            sdata.delete_element_from_disk(key)
-        sdata.write_element(key)
 
 
 def make_grid(
@@ -231,7 +222,7 @@ def make_grid(
     if not inplace:
         return shapes
     key = key_added or f"{image_key}_grid"
-    _write(sdata, "shapes", key, shapes)
+    store_element(sdata, "shapes", key, shapes)
     logger.info("Grid of %d tiles (%g µm) on %r; added shapes %r.", len(shapes), spacing_um, image_key, key)
     return None
 

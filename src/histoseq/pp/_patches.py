@@ -322,7 +322,7 @@ def extract_patches(
     slot = np.empty(order.max() + 1, dtype=int)
     slot[np.sort(order)] = np.arange(order.size)
     n = order.size
-    n_channels = _levels(plans, rgb)[(plans[0].region.image.key, plans[0].level)].n_channels
+    n_channels = check_rgb_uint8(plans[0].region.image.key, plans[0].region.image.levels[0], rgb)
     images = np.empty((n, int(patch_px), int(patch_px), n_channels), dtype=np.uint8)
     names = np.empty(n, dtype=object)
     region = np.empty(n, dtype=object)

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .._sdata import get_table, resolve_regions
+from .._sdata import get_table, resolve_regions, store_element
 
 if TYPE_CHECKING:
     import torch
@@ -537,16 +537,6 @@ def _check_args(patch_size_um: float, patch_px: int, batch_size: int, key_added:
         )
 
 
-def _write_back(sdata: SpatialData, key: str) -> None:
-    """Write the table ``key`` to the zarr store of a backed SpatialData (replacing the one on disk)."""
-    if not sdata.is_backed():
-        return
-    paths = sdata.elements_paths_on_disk()
-    if key in paths or f"tables/{key}" in paths:
-        sdata.delete_element_from_disk(key)
-    sdata.write_element(key)
-
-
 def embed(
     sdata: SpatialData,
     *,
@@ -753,7 +743,7 @@ def embed(
     }
     table.obsm[obsm_key] = out
     table.uns[name] = entry
-    _write_back(sdata, tkey)
+    store_element(sdata, "tables", tkey)
     logger.info(
         "Added table.obsm[%r] (%d × %d, %d spots embedded) and table.uns[%r].",
         obsm_key,

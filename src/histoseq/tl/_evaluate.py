@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .._sdata import get_table, select_rows
+from .._sdata import get_table, select_rows, store_element
 from ._fit import (
     ExpressionModel,
     _column_pearson,
@@ -18,7 +18,6 @@ from ._fit import (
     _prediction_info,
     fit,
     transform_counts,
-    write_table,
 )
 
 if TYPE_CHECKING:
@@ -295,7 +294,7 @@ def evaluate(
     summary["params"] = {"layer": layer, "groups": groups or "", "target_transform": transform or "none"}
     table.uns[f"{key}_scores"] = summary
     if tkey is not None:
-        write_table(sdata, tkey)
+        store_element(sdata, "tables", tkey)
     logger.info(
         "Scored %d genes on %d spots: mean Pearson %.3f; added var['%s_pearson'] etc. and uns['%s_scores'].",
         len(genes),
@@ -535,7 +534,7 @@ def cross_validate(
         )
         info.pop("alpha", None)
         table.uns[key_added] = info
-        write_table(sdata, tkey)
+        store_element(sdata, "tables", tkey)
         logger.info("Added the held-out predictions of %d folds as layer %r of table %r.", len(uniq), key_added, tkey)
     result = CrossValidation(scores=scores, summary=summary, params=params, models=models if keep_models else None)
     logger.info("Cross-validation done: %r", result)

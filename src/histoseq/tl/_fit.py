@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from .._sdata import get_table, select_rows, table_keys
+from .._sdata import get_table, select_rows, store_element, table_keys
 
 if TYPE_CHECKING:
     import anndata as ad
@@ -1398,17 +1398,6 @@ def _prediction_info(model: ExpressionModel, **extra: Any) -> dict[str, Any]:
     return info
 
 
-def write_table(sdata: SpatialData, key: str, table: ad.AnnData | None = None) -> None:
-    """Put ``table`` (or the modified table ``key``) in ``sdata``, and on disk when it is backed by zarr."""
-    if table is not None:
-        sdata.tables[key] = table
-    if sdata.is_backed():
-        paths = sdata.elements_paths_on_disk()
-        if key in paths or f"tables/{key}" in paths:
-            sdata.delete_element_from_disk(key)
-        sdata.write_element(key)
-
-
 def predict(
     sdata: SpatialData,
     model: ExpressionModel,
@@ -1501,7 +1490,7 @@ def predict(
         layer[np.ix_(rows, table.var_names.get_indexer(model.genes))] = pred
         table.layers[key_added] = layer
         table.uns[key_added] = info
-        write_table(sdata, tkey)
+        store_element(sdata, "tables", tkey)
         logger.info(
             "Predicted %d genes for %d spots: added layer %r of table %r.", pred.shape[1], len(rows), key_added, tkey
         )
@@ -1520,7 +1509,7 @@ def predict(
     out.uns.pop("spatialdata_attrs", None)
     region = used[0] if len(used) == 1 else used
     parsed = TableModel.parse(out, region=region, region_key=region_key, instance_key=instance_key)
-    write_table(sdata, key_added, parsed)
+    store_element(sdata, "tables", key_added, parsed)
     logger.info(
         "Table %r lacks %d of the model's genes: added table %r with predictions of %d genes for %d spots.",
         tkey,
