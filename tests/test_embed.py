@@ -396,6 +396,27 @@ def test_unknown_encoder_lists_the_available_ones(sdata):
     assert snapshot(sdata) == before
 
 
+def test_several_patch_sizes_concatenate_the_scales(sdata):
+    t = sdata.tables["table"]
+    hs.tl.embed(sdata, patch_size_um=(64, 128), patch_px=48, progress=False)
+    hs.tl.embed(sdata, patch_size_um=64, patch_px=48, key_added="small", progress=False)
+    hs.tl.embed(sdata, encoder="small_cnn", patch_size_um=128, patch_px=48, key_added="cnn128", progress=False)
+    hs.tl.embed(sdata, encoder="small_cnn", patch_size_um=[64, 128], patch_px=48, key_added="cnn", progress=False)
+    X, small = t.obsm["X_morphology"], t.obsm["X_small"]
+    d = small.shape[1]
+    assert X.shape == (t.n_obs, 2 * d)
+    np.testing.assert_array_equal(X[:, :d], small)
+    assert not np.allclose(X[:, :d], X[:, d:], equal_nan=True)  # the second scale sees other tissue
+    np.testing.assert_allclose(t.obsm["X_cnn"][:, -t.obsm["X_cnn128"].shape[1] :], t.obsm["X_cnn128"], rtol=1e-5)
+    params = t.uns["morphology"]["params"]
+    assert params["patch_size_um"] == [64.0, 128.0]
+    assert params["feature_names"][0].startswith("64um_") and params["feature_names"][d].startswith("128um_")
+    with pytest.raises(ValueError, match="distinct sizes"):
+        hs.tl.embed(sdata, patch_size_um=(64, 64), progress=False)
+    with pytest.raises(ValueError, match="patch_size_um"):
+        hs.tl.embed(sdata, patch_size_um=[], progress=False)
+
+
 def test_spot_subsets_give_the_same_vectors_and_nan_elsewhere(sdata):
     t = sdata.tables["table"]
     full = hs.tl.embed(sdata, patch_px=32, inplace=False, progress=False)

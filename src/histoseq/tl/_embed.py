@@ -17,7 +17,7 @@ import hashlib
 import logging
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -522,9 +522,22 @@ class TorchRunner:
 # --------------------------------------------------------------------------------------------------
 
 
-def _check_args(patch_size_um: float, patch_px: int, batch_size: int, key_added: str | None) -> None:
-    if not (isinstance(patch_size_um, int | float) and np.isfinite(patch_size_um) and patch_size_um > 0):
-        raise ValueError(f"`patch_size_um` must be a positive size in µm, got {patch_size_um!r}.")
+def _patch_sizes(patch_size_um: Any) -> list[float]:
+    """One or several patch sizes (µm), validated."""
+    sizes = list(patch_size_um) if isinstance(patch_size_um, list | tuple | np.ndarray) else [patch_size_um]
+    ok = bool(sizes) and all(
+        isinstance(v, int | float | np.integer | np.floating) and not isinstance(v, bool) and np.isfinite(v) and v > 0
+        for v in sizes
+    )
+    if not ok or len(set(map(float, sizes))) != len(sizes):
+        raise ValueError(
+            f"`patch_size_um` must be a positive size in µm, or a list of distinct sizes, got {patch_size_um!r}."
+        )
+    return [float(v) for v in sizes]
+
+
+def _check_args(patch_size_um: Any, patch_px: int, batch_size: int, key_added: str | None) -> None:
+    _patch_sizes(patch_size_um)
     if isinstance(patch_px, bool) or int(patch_px) != patch_px or patch_px < 8:
         raise ValueError(f"`patch_px` must be an integer of at least 8 pixels, got {patch_px!r}.")
     if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
@@ -541,7 +554,7 @@ def embed(
     sdata: SpatialData,
     *,
     encoder: Any = "morphology",
-    patch_size_um: float = 112.0,
+    patch_size_um: float | Sequence[float] = 112.0,
     patch_px: int = 224,
     table_key: str | None = "table",
     shapes_key: str | None = None,
@@ -592,7 +605,10 @@ def embed(
     encoder
         Encoder name, module or callable (see above).
     patch_size_um
-        Side of the patch in µm (112 µm: twice a Visium spot, the HEST benchmark's default).
+        Side of the patch in µm (112 µm: twice a Visium spot, the HEST benchmark's default). A list of
+        sizes embeds the spot at each scale and concatenates the vectors in that order (e.g.
+        ``(224, 448, 800)`` for the spot and its tissue context; morphology feature names get the
+        prefix ``"{size}um_"``).
     patch_px
         Side of the patch in pixels given to the encoder.
     table_key
@@ -664,49 +680,57 @@ def embed(
     name = key_added or res.name
     obsm_key = f"X_{name}"
 
+    sizes = _patch_sizes(patch_size_um)
     logger.info(
-        "Embedding %d spots of table %r with encoder %r (%g µm patches at %d px).",
+        "Embedding %d spots of table %r with encoder %r (%s µm patches at %d px).",
         total,
         tkey,
         res.name,
-        patch_size_um,
+        " + ".join(f"{v:g}" for v in sizes),
         patch_px,
     )
-    out: np.ndarray | None = None
+    parts: list[np.ndarray] = []
     done = np.zeros(table.n_obs, dtype=bool)
     patch_params: dict[str, Any] = {}
     runner = TorchRunner(res.model, torch_device, builtin=res.builtin) if res.kind in ("torch", "callable") else None
     ctx = runner if runner is not None else nullcontext()
-    with ctx, tqdm(total=total, desc=f"embed ({res.name})", unit="spot", disable=not progress) as bar:
-        batches = iter_patches(
-            sdata,
-            table_key=tkey,
-            shapes_key=shapes_key,
-            image_key=image_key,
-            spots=spots,
-            patch_size_um=patch_size_um,
-            patch_px=int(patch_px),
-            batch_size=int(batch_size),
-            progress=False,
-        )
-        for batch in batches:
-            patch_params = batch.params
-            if runner is None:
-                feats = res.model(batch.images, float(batch.params["um_per_px"]))
-            else:
-                feats = runner(batch.images)
-            feats = np.asarray(feats, dtype=np.float32)
-            if out is None:
-                if feats.ndim != 2 or feats.shape[1] < 1:
-                    raise ValueError(f"The encoder must return (B, D) features; got shape {feats.shape}.")
-                out = np.full((table.n_obs, feats.shape[1]), np.nan, dtype=np.float32)
-            elif feats.shape[1] != out.shape[1]:
-                raise ValueError(f"The encoder returned {feats.shape[1]} dims after {out.shape[1]} for other patches.")
-            out[batch.rows] = feats
-            done[batch.rows] = True
-            bar.update(len(batch))
-    if out is None:  # pragma: no cover - resolve_regions found spots
-        raise ValueError("No spots to embed: the selection is empty.")
+    desc = f"embed ({res.name})"
+    with ctx, tqdm(total=total * len(sizes), desc=desc, unit="patch", disable=not progress) as bar:
+        for size in sizes:
+            out: np.ndarray | None = None
+            batches = iter_patches(
+                sdata,
+                table_key=tkey,
+                shapes_key=shapes_key,
+                image_key=image_key,
+                spots=spots,
+                patch_size_um=size,
+                patch_px=int(patch_px),
+                batch_size=int(batch_size),
+                progress=False,
+            )
+            for batch in batches:
+                patch_params = batch.params
+                if runner is None:
+                    feats = res.model(batch.images, float(batch.params["um_per_px"]))
+                else:
+                    feats = runner(batch.images)
+                feats = np.asarray(feats, dtype=np.float32)
+                if out is None:
+                    if feats.ndim != 2 or feats.shape[1] < 1:
+                        raise ValueError(f"The encoder must return (B, D) features; got shape {feats.shape}.")
+                    out = np.full((table.n_obs, feats.shape[1]), np.nan, dtype=np.float32)
+                elif feats.shape[1] != out.shape[1]:
+                    raise ValueError(
+                        f"The encoder returned {feats.shape[1]} dims after {out.shape[1]} for other patches."
+                    )
+                out[batch.rows] = feats
+                done[batch.rows] = True
+                bar.update(len(batch))
+            if out is None:  # pragma: no cover - resolve_regions found spots
+                raise ValueError("No spots to embed: the selection is empty.")
+            parts.append(out)
+    out = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
     if not np.isfinite(out[done]).all():
         logger.warning("The embedding %r has non-finite values for some embedded spots.", obsm_key)
 
@@ -717,16 +741,17 @@ def embed(
     params: dict[str, Any] = {
         "encoder": res.spec or res.name,
         "kind": res.kind,
-        "patch_size_um": float(patch_size_um),
+        "patch_size_um": sizes[0] if len(sizes) == 1 else sizes,
         "patch_px": int(patch_px),
-        "um_per_px": float(patch_size_um) / int(patch_px),
+        "um_per_px": sizes[0] / int(patch_px) if len(sizes) == 1 else [v / int(patch_px) for v in sizes],
         "dims": int(out.shape[1]),
         "key_added": name,
     }
     if res.seeded and random_state is not None:  # unseeded random weights cannot be recreated: nothing to record
         params["random_state"] = int(random_state)
     if res.kind == "numpy":
-        params["feature_names"] = list(res.model.feature_names)
+        names = list(res.model.feature_names)
+        params["feature_names"] = names if len(sizes) == 1 else [f"{v:g}um_{n}" for v in sizes for n in names]
         params["morphology"] = {
             k: list(v) if isinstance(v, tuple) else v for k, v in asdict(res.model.params).items() if v is not None
         }

@@ -14,8 +14,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-HVGFlavor = Literal["seurat", "cell_ranger", "seurat_v3"]
-_FLAVORS = ("seurat", "cell_ranger", "seurat_v3")
+HVGFlavor = Literal["seurat", "cell_ranger", "seurat_v3", "mean"]
+_FLAVORS = ("seurat", "cell_ranger", "seurat_v3", "mean")
 
 
 def select_genes(
@@ -43,6 +43,8 @@ def select_genes(
       10,000 over all genes of the table, then ``log1p``), the dispersion normalised within bins of
       mean expression. It needs nothing beyond scanpy, so the choice is the same everywhere.
     - ``flavor="cell_ranger"``: the same on the log-normalised counts with Cell Ranger's binning.
+    - ``flavor="mean"``: not a variability score but the most expressed genes: the highest mean of the
+      log-normalised training counts (the "top expressed genes" panels of HEST and ST-Net).
     - ``flavor="seurat_v3"``: the standardised variance of the raw counts; this is scanpy's
       recommendation for counts but needs the ``scikit-misc`` package (``pip install scikit-misc``).
 
@@ -142,8 +144,11 @@ def _rank_genes(counts: Any, names: np.ndarray, *, min_spot_fraction: float, fla
         sc.pp.normalize_total(adata, target_sum=1e4)
         sc.pp.log1p(adata)
         sub = adata[:, keep].copy()
-        res = sc.pp.highly_variable_genes(sub, flavor=flavor, n_top_genes=sub.n_vars, inplace=False)
-        score = np.asarray(res["dispersions_norm"], dtype=float)
+        if flavor == "mean":
+            score = np.asarray(sub.X.mean(axis=0), dtype=float).ravel()
+        else:
+            res = sc.pp.highly_variable_genes(sub, flavor=flavor, n_top_genes=sub.n_vars, inplace=False)
+            score = np.asarray(res["dispersions_norm"], dtype=float)
     score = np.where(np.isfinite(score), score, -np.inf)
     order = np.argsort(-score, kind="stable")
     return sub.var_names.to_numpy()[order].tolist()
