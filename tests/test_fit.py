@@ -184,7 +184,7 @@ def test_mlp_trains_predicts_and_is_deterministic(base):
     assert not np.array_equal(pa, held_out_pearson(table, c)[1])
 
 
-@pytest.mark.parametrize("method", ["ridge", "mlp"])
+@pytest.mark.parametrize("method", ["ridge", "mlp", "contrastive"])
 def test_save_load_round_trip(base, tmp_path, method):
     table = base.tables["table"]
     model = hs.tl.fit(base, genes=15, method=method, train=TRAIN, max_epochs=5, progress=False)
@@ -374,3 +374,99 @@ def test_with_the_morphology_encoder():
         rtol=1e-4,
         atol=1e-4,
     )
+
+
+def test_contrastive_recovers_learnable_genes_and_predicts_by_retrieval(base):
+    table = base.tables["table"]
+    kw = {"method": "contrastive", "train": TRAIN, "max_epochs": 10, "n_proj": 64, "k": 20, "progress": False}
+    state = torch.random.get_rng_state()
+    model = hs.tl.fit(base, genes=list(table.var_names), **kw)
+    assert torch.equal(state, torch.random.get_rng_state())
+    r, _, _ = held_out_pearson(table, model)
+    var = table.var.loc[model.genes]
+    learnable = var["learnable"].to_numpy()
+    noise = (var["truth"] == "noise").to_numpy()
+    assert np.nanmean(r[learnable]) > 0.4
+    assert np.nanmean(r[learnable]) > np.nanmean(r[noise]) + 0.3
+    p, c = model.provenance, model.config
+    assert p["validation"] in ("group 'section0'", "group 'section1'") and p["n_references"] == 99
+    assert (c["k"], c["weighting"], c["n_proj"]) == (20, "softmax", 64)
+    assert "contrastive (BLEEP)" in repr(model) and "top 20 of 99" in repr(model)
+    # the references are the training spots and their transformed expression
+    a = model._arrays
+    train = table.obs["sample_id"].isin(TRAIN).to_numpy()
+    truth = transform_counts(table.X[train], model.target_transform, table.var_names.get_indexer(model.genes))
+    np.testing.assert_allclose(a["reference_expression"], truth, rtol=1e-6)
+    np.testing.assert_allclose(np.linalg.norm(a["reference_projection"], axis=1), 1, rtol=1e-5)
+    # one spot by hand: project, take the 20 most similar references, softmax(similarity / T) weights
+    spot = np.flatnonzero(table.obs["sample_id"] == TEST)[0]
+    z = (table.obsm["X_morphology"][spot] - a["scaler_mean"]) / a["scaler_scale"]
+    with torch.no_grad():
+        q = model._get_network()(torch.from_numpy(z[None].astype(np.float32))).numpy()[0].astype(float)
+    sim = a["reference_projection"].astype(float) @ q
+    top = np.argsort(-sim)[:20]
+    w = np.exp((sim[top] - sim[top].max()) / c["temperature"])
+    expected = (w / w.sum()) @ a["reference_expression"][top].astype(float)
+    np.testing.assert_allclose(model.predict_embeddings(table.obsm["X_morphology"][[spot]])[0], expected, rtol=1e-5)
+    # BLEEP's plain average of the top k
+    mean = hs.tl.fit(base, genes=model.genes, **{**kw, "weighting": "mean", "max_epochs": 1})
+    a = mean._arrays
+    with torch.no_grad():
+        q = mean._get_network()(torch.from_numpy(z[None].astype(np.float32))).numpy()[0].astype(float)
+    top = np.argsort(-(a["reference_projection"].astype(float) @ q))[:20]
+    np.testing.assert_allclose(
+        mean.predict_embeddings(table.obsm["X_morphology"][[spot]])[0],
+        a["reference_expression"][top].astype(float).mean(0),
+        rtol=1e-5,
+    )
+    with pytest.raises(ValueError, match="weighting"):
+        hs.tl.fit(base, genes=5, method="contrastive", weighting="median", progress=False)
+
+
+def with_images(sdata, table):
+    return sd.SpatialData(images=dict(sdata.images), shapes=dict(sdata.shapes), tables={"table": table})
+
+
+def test_fit_computes_a_missing_embedding_and_cleans_up_on_failure(base):
+    table = base.tables["table"]
+    parts = []
+    for sections in (TRAIN, [TEST]):
+        sub = subset_table(table, table.obs["sample_id"].isin(sections).to_numpy())
+        del sub.obsm["X_morphology"]
+        keep = [f"{s}_image" for s in sections], [f"{s}_spots" for s in sections]
+        parts.append(
+            sd.SpatialData(
+                images={k: base.images[k] for k in keep[0]},
+                shapes={k: base.shapes[k] for k in keep[1]},
+                tables={"table": sub},
+            )
+        )
+    before = [snapshot(p) for p in parts]
+    with pytest.raises(KeyError, match="NOT_A_GENE"):
+        hs.tl.fit(parts, genes=["TUM1", "NOT_A_GENE"], embed_kwargs={"patch_px": 32}, progress=False)
+    assert [snapshot(p) for p in parts] == before  # the embeddings computed for the failed fit are gone
+    with pytest.raises(KeyError, match="not an encoder name"):
+        hs.tl.fit(parts, genes=5, embedding="X_mystery", progress=False)
+    with pytest.raises(TypeError, match="table_key"):
+        hs.tl.fit(parts, genes=5, embed_kwargs={"table_key": "t"}, progress=False)
+
+    # a newcomer's workflow: fit on the slides, predict another one; the embedding is computed where missing
+    model = hs.tl.fit(parts, genes=10, embed_kwargs={"patch_px": 32}, progress=False)
+    for p in parts:
+        t = p.tables["table"]
+        assert t.obsm["X_morphology"].shape[0] == t.n_obs and t.uns["morphology"]["params"]["patch_px"] == 32
+    assert model.embedding_params["encoder"] == "morphology" and model.embedding_params["patch_px"] == 32
+    slide = with_images(base, light_copy(base).tables["table"])
+    del slide.tables["table"].obsm["X_morphology"]
+    hs.tl.predict(slide, model)
+    np.testing.assert_allclose(
+        slide.tables["table"].obsm["X_morphology"][table.obs["sample_id"] == TEST],
+        parts[1].tables["table"].obsm["X_morphology"],
+        rtol=1e-5,
+        atol=1e-6,
+    )
+    assert np.isfinite(slide.tables["table"].layers["predicted"][:, table.var_names.get_indexer(model.genes)]).all()
+    # another encoder under another key
+    other = with_images(base, light_copy(base).tables["table"])
+    hs.tl.fit(other, genes=5, embedding="X_tiny", embed_kwargs={"encoder": "small_cnn", "patch_px": 32}, progress=False)
+    assert other.tables["table"].obsm["X_tiny"].shape == (table.n_obs, 128)

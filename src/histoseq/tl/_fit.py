@@ -1,13 +1,21 @@
-"""Expression models on spot embeddings: fit, predict, save and load.
+"""Expression models on spot embeddings or images: fit, predict, save and load.
 
 The model maps a spot's embedding (``table.obsm[embedding]``, e.g. ``"X_morphology"`` written by
-:func:`histoseq.tl.embed`) to the transformed expression of a set of genes. Three methods:
+:func:`histoseq.tl.embed`), or the H&E patch around it, to the transformed expression of a set of genes.
+Five methods:
 
 - ``"ridge"``: standardise the embedding, project it on its principal components, and fit a ridge
   regression whose penalty is chosen by cross-validation grouped by section, inside the training data;
 - ``"ridge_hest"``: the same pipeline with the fixed penalty of the HEST benchmark, as a reference;
 - ``"mlp"``: a small neural network (:class:`histoseq.models._heads.MLPHead`) trained with Lightning,
-  with early stopping on a validation section taken from the training sections.
+  with early stopping on a validation section taken from the training sections;
+- ``"cnn"``: an image encoder and a head trained end to end on the patches (ST-Net style), with dihedral
+  augmentation and test-time augmentation (:mod:`histoseq.tl._fit_cnn`);
+- ``"contrastive"``: BLEEP's contrastive image and expression projections and top-k retrieval of
+  training spots (:mod:`histoseq.tl._fit_contrastive`).
+
+This module is the dispatcher (inputs, targets, gene selection, the model class and its file); the
+networks' training lives in the method modules.
 
 A fitted :class:`ExpressionModel` is saved to one file that holds only JSON text and tensors, and is
 read back with ``torch.load(..., weights_only=True)``: loading a model never runs code.
@@ -35,10 +43,14 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-Method = Literal["ridge", "ridge_hest", "mlp"]
+Method = Literal["ridge", "ridge_hest", "mlp", "cnn", "contrastive"]
 TargetTransform = Literal["log1p_cp10k", "log1p"] | None
 
-METHODS = ("ridge", "ridge_hest", "mlp")
+METHODS = ("ridge", "ridge_hest", "mlp", "cnn", "contrastive")
+#: Methods trained with Lightning (``max_epochs``, ``accelerator``, ``devices``, ``strategy`` apply).
+NETWORK_METHODS = ("mlp", "cnn", "contrastive")
+#: Methods that read the images (patches) rather than an embedding.
+IMAGE_METHODS = ("cnn",)
 TARGET_TRANSFORMS = ("log1p_cp10k", "log1p", None)
 #: Penalties tried by ``method="ridge"``: 33 values, 4 per decade, from 1e-2 to 1e6.
 DEFAULT_ALPHAS = np.logspace(-2, 6, 33)
@@ -49,6 +61,15 @@ _FORMAT = "histoseq.ExpressionModel"
 _FORMAT_VERSION = 1
 _RIDGE_ARRAYS = ("scaler_mean", "scaler_scale", "pca_mean", "pca_components", "coef", "intercept")
 _MLP_ARRAYS = ("scaler_mean", "scaler_scale", "target_mean", "target_scale")
+_CNN_ARRAYS = ("target_mean", "target_scale")
+_CONTRASTIVE_ARRAYS = (*_MLP_ARRAYS, "reference_projection", "reference_expression")
+_REQUIRED_ARRAYS = {
+    "ridge": _RIDGE_ARRAYS,
+    "ridge_hest": _RIDGE_ARRAYS,
+    "mlp": _MLP_ARRAYS,
+    "cnn": _CNN_ARRAYS,
+    "contrastive": _CONTRASTIVE_ARRAYS,
+}
 # embedding parameters that do not change the embedding of a spot (compared with a warning only)
 _RUN_PARAMS = {"batch_size", "progress", "device", "accelerator", "devices", "num_workers", "n_jobs", "key_added"}
 
@@ -214,8 +235,11 @@ def _embedding_matrix(table: ad.AnnData, embedding: str, where: str) -> np.ndarr
     return np.asarray(x, dtype=np.float64)
 
 
-def _concat_tables(tables: list[ad.AnnData], embedding: str, groups: str | None) -> ad.AnnData:
-    """Rows of several tables in one light AnnData (counts, embedding, groups and spot positions)."""
+def _concat_tables(tables: list[ad.AnnData], embedding: str | None, groups: str | None) -> ad.AnnData:
+    """Rows of several tables in one light AnnData (counts, embedding, groups and spot positions).
+
+    ``embedding=None`` (image methods) concatenates no embedding.
+    """
     import anndata as ad
     import pandas as pd
     from scipy import sparse
@@ -233,7 +257,8 @@ def _concat_tables(tables: list[ad.AnnData], embedding: str, groups: str | None)
         order = t.var_names.get_indexer(genes)
         x = t.X[:, order]
         xs.append(sparse.csr_matrix(x) if sparse.issparse(x) else np.asarray(x))
-        embs.append(_embedding_matrix(t, embedding, f"The table of SpatialData {i}"))
+        if embedding is not None:
+            embs.append(_embedding_matrix(t, embedding, f"The table of SpatialData {i}"))
         columns = {} if groups is None else {groups: _group_labels(t, groups)}
         regions = _region_labels(t)
         if regions is not None:
@@ -243,7 +268,7 @@ def _concat_tables(tables: list[ad.AnnData], embedding: str, groups: str | None)
     dims = {e.shape[1] for e in embs}
     if len(dims) > 1:
         raise ValueError(f"The embeddings `obsm[{embedding!r}]` of the tables differ in dimension: {sorted(dims)}.")
-    params = [_embedding_params(t, embedding) for t in tables]
+    params = [_embedding_params(t, embedding) for t in tables] if embedding is not None else [{}]
     if any(p != params[0] for p in params[1:]):
         logger.warning(
             "The embeddings `obsm[%r]` of the tables were made with different parameters; a model trained on them "
@@ -259,10 +284,11 @@ def _concat_tables(tables: list[ad.AnnData], embedding: str, groups: str | None)
             )
     X = sparse.vstack(xs, format="csr") if all(sparse.issparse(x) for x in xs) else np.vstack([_dense(x) for x in xs])
     out = ad.AnnData(X=X, obs=obs_df, var=pd.DataFrame(index=genes.copy()))
-    out.obsm[embedding] = np.vstack(embs)
     if all(s is not None for s in spatial):
         out.obsm["spatial"] = np.vstack(spatial)
-    out.uns[_embedding_name(embedding)] = {"params": params[0]}
+    if embedding is not None:
+        out.obsm[embedding] = np.vstack(embs)
+        out.uns[_embedding_name(embedding)] = {"params": params[0]}
     return out
 
 
@@ -575,6 +601,74 @@ def _validation_rows(
     return mask, "random spots"
 
 
+def _train_plan(
+    build: Any,
+    train_ds: Any,
+    val_ds: Any,
+    *,
+    seed: int,
+    batch_size: int,
+    val_batch_size: int,
+    progress: bool,
+    max_epochs: int,
+    accelerator: Any,
+    devices: Any,
+    strategy: Any,
+    patience: int,
+    trainer_kwargs: Mapping[str, Any] | None,
+    drop_last: bool = False,
+) -> Any:
+    """Train the plan made by ``build()`` with a Lightning ``Trainer`` and early stopping on ``val_loss``.
+
+    The global torch random state is left alone (forked, then seeded with ``seed`` before ``build`` runs
+    and the batches are shuffled), and Lightning's messages are silenced unless ``progress``. The plan
+    keeps the best validation weights (``plan.best_state``); it is returned after training.
+    """
+    import lightning.pytorch as pl
+    import torch
+    from lightning.pytorch.callbacks import EarlyStopping
+    from torch.utils.data import DataLoader
+
+    quiet = [] if progress else ["lightning.pytorch", "lightning.fabric", "pytorch_lightning"]
+    levels = {name: logging.getLogger(name).level for name in quiet}
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+        warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
+        warnings.filterwarnings("ignore", message=".*GPU available but not used.*")
+        warnings.filterwarnings("ignore", message=".*LeafSpec.*")  # lightning's own use of torch's pytree
+        for name in quiet:
+            logging.getLogger(name).setLevel(logging.WARNING)
+        try:
+            torch.manual_seed(seed)
+            plan = build()
+            train_dl = DataLoader(
+                train_ds,
+                batch_size=min(int(batch_size), len(train_ds)),
+                shuffle=True,
+                drop_last=drop_last,
+                generator=torch.Generator().manual_seed(seed),
+            )
+            val_dl = DataLoader(val_ds, batch_size=max(1, min(int(val_batch_size), len(val_ds))))
+            trainer = pl.Trainer(
+                max_epochs=int(max_epochs),
+                accelerator=accelerator,
+                devices=devices,
+                strategy=strategy,
+                enable_checkpointing=False,
+                logger=False,
+                enable_progress_bar=progress,
+                enable_model_summary=False,
+                num_sanity_val_steps=0,
+                callbacks=[EarlyStopping(monitor="val_loss", patience=int(patience), mode="min")],
+                **dict(trainer_kwargs or {}),
+            )
+            trainer.fit(plan, train_dataloaders=train_dl, val_dataloaders=val_dl)
+        finally:
+            for name, level in levels.items():
+                logging.getLogger(name).setLevel(level)
+    return plan
+
+
 def _fit_mlp(
     X: np.ndarray,
     Y: np.ndarray,
@@ -599,10 +693,8 @@ def _fit_mlp(
     val_fraction: float = 0.2,
     trainer_kwargs: Mapping[str, Any] | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[str, Any], dict[str, Any]]:
-    import lightning.pytorch as pl
     import torch
-    from lightning.pytorch.callbacks import EarlyStopping
-    from torch.utils.data import DataLoader, TensorDataset
+    from torch.utils.data import TensorDataset
 
     from ..models._heads import MLPHead, RegressionPlan
 
@@ -628,47 +720,29 @@ def _fit_mlp(
         "patience": int(patience),
         "max_epochs": epochs,
     }
-    quiet = [] if progress else ["lightning.pytorch", "lightning.fabric", "pytorch_lightning"]
-    levels = {name: logging.getLogger(name).level for name in quiet}
-    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-        warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
-        warnings.filterwarnings("ignore", message=".*GPU available but not used.*")
-        warnings.filterwarnings("ignore", message=".*LeafSpec.*")  # lightning's own use of torch's pytree
-        for name in quiet:
-            logging.getLogger(name).setLevel(logging.WARNING)
-        try:
-            torch.manual_seed(seed)
-            net = MLPHead(X.shape[1], Y.shape[1], n_hidden=n_hidden, n_layers=n_layers, dropout=dropout)
-            plan = RegressionPlan(net, lr=lr, weight_decay=weight_decay)
-            tr = np.flatnonzero(~val)
-            va = np.flatnonzero(val)
-            train_dl = DataLoader(
-                TensorDataset(torch.from_numpy(Xs[tr]), torch.from_numpy(Ys[tr])),
-                batch_size=min(int(batch_size), len(tr)),
-                shuffle=True,
-                generator=torch.Generator().manual_seed(seed),
-            )
-            val_dl = DataLoader(
-                TensorDataset(torch.from_numpy(Xs[va]), torch.from_numpy(Ys[va])), batch_size=max(len(va), 1)
-            )
-            trainer = pl.Trainer(
-                max_epochs=epochs,
-                accelerator=accelerator,
-                devices=devices,
-                strategy=strategy,
-                enable_checkpointing=False,
-                logger=False,
-                enable_progress_bar=progress,
-                enable_model_summary=False,
-                num_sanity_val_steps=0,
-                callbacks=[EarlyStopping(monitor="val_loss", patience=int(patience), mode="min")],
-                **dict(trainer_kwargs or {}),
-            )
-            trainer.fit(plan, train_dataloaders=train_dl, val_dataloaders=val_dl)
-        finally:
-            for name, level in levels.items():
-                logging.getLogger(name).setLevel(level)
+    tr = np.flatnonzero(~val)
+    va = np.flatnonzero(val)
+
+    def build() -> RegressionPlan:
+        net = MLPHead(X.shape[1], Y.shape[1], n_hidden=n_hidden, n_layers=n_layers, dropout=dropout)
+        return RegressionPlan(net, lr=lr, weight_decay=weight_decay)
+
+    plan = _train_plan(
+        build,
+        TensorDataset(torch.from_numpy(Xs[tr]), torch.from_numpy(Ys[tr])),
+        TensorDataset(torch.from_numpy(Xs[va]), torch.from_numpy(Ys[va])),
+        seed=seed,
+        batch_size=int(batch_size),
+        val_batch_size=max(len(va), 1),
+        progress=progress,
+        max_epochs=epochs,
+        accelerator=accelerator,
+        devices=devices,
+        strategy=strategy,
+        patience=patience,
+        trainer_kwargs=trainer_kwargs,
+    )
+    net = plan.network
     state = plan.best_state or {k: v.detach().cpu() for k, v in net.state_dict().items()}
     arrays = {"scaler_mean": mean, "scaler_scale": scale, "target_mean": y_mean, "target_scale": y_scale}
     arrays.update({f"net.{k}": v.numpy().copy() for k, v in state.items()})
@@ -689,7 +763,7 @@ def _fit_mlp(
 
 
 class ExpressionModel:
-    """A trained map from spot embeddings to gene expression.
+    """A trained map from spot embeddings (or, for ``method="cnn"``, the spots' patches) to gene expression.
 
     Made by :func:`histoseq.tl.fit`; applied by :meth:`predict` (or :func:`histoseq.tl.predict`);
     written to one file by :meth:`save` and read back by :meth:`load` (or :func:`histoseq.tl.load_model`).
@@ -699,17 +773,18 @@ class ExpressionModel:
     Attributes
     ----------
     method
-        ``"ridge"``, ``"ridge_hest"`` or ``"mlp"``.
+        ``"ridge"``, ``"ridge_hest"``, ``"mlp"``, ``"cnn"`` or ``"contrastive"``.
     genes
         The genes it predicts, in order.
     target_transform
         Transform of the counts it predicts (``"log1p_cp10k"``, ``"log1p"`` or ``None``).
     embedding
         The ``obsm`` key of the embedding it reads, and :attr:`embedding_params`, the parameters that
-        made it (``uns[name]['params']``).
+        made it (``uns[name]['params']``); ``None`` for a ``"cnn"`` model, which reads patches (its
+        encoder and patch size are in :attr:`config`).
     provenance
         How it was trained: training groups and spots, penalty and cross-validation scores (ridge), best
-        epoch and validation loss (MLP).
+        epoch and validation loss (networks).
 
     """
 
@@ -719,7 +794,7 @@ class ExpressionModel:
         method: str,
         genes: Sequence[str],
         target_transform: TargetTransform,
-        embedding: str,
+        embedding: str | None,
         embedding_params: Mapping[str, Any],
         n_features: int,
         arrays: Mapping[str, np.ndarray],
@@ -730,14 +805,15 @@ class ExpressionModel:
             raise ValueError(f"Unknown method {method!r}; choose one of {list(METHODS)}.")
         if target_transform not in TARGET_TRANSFORMS:
             raise ValueError(f"Unknown target transform {target_transform!r}.")
-        required = _RIDGE_ARRAYS if method != "mlp" else _MLP_ARRAYS
-        missing = [a for a in required if a not in arrays]
+        missing = [a for a in _REQUIRED_ARRAYS[method] if a not in arrays]
         if missing:
             raise ValueError(f"A {method!r} model needs the arrays {missing}.")
+        if (embedding is None) != (method in IMAGE_METHODS):
+            raise ValueError(f"A {method!r} model reads {'patches' if method in IMAGE_METHODS else 'an embedding'}.")
         self._method = method
         self._genes = [str(g) for g in genes]
         self._target_transform = target_transform
-        self._embedding = str(embedding)
+        self._embedding = None if embedding is None else str(embedding)
         self._embedding_params = _jsonable(dict(embedding_params))
         self._n_features = int(n_features)
         self._arrays = {k: np.asarray(v) for k, v in arrays.items()}
@@ -748,8 +824,13 @@ class ExpressionModel:
     # -- properties ----------------------------------------------------------------------------------
     @property
     def method(self) -> str:
-        """``"ridge"``, ``"ridge_hest"`` or ``"mlp"``."""
+        """``"ridge"``, ``"ridge_hest"``, ``"mlp"``, ``"cnn"`` or ``"contrastive"``."""
         return self._method
+
+    @property
+    def uses_images(self) -> bool:
+        """Whether the model reads the spots' patches (``"cnn"``) rather than an embedding."""
+        return self._method in IMAGE_METHODS
 
     @property
     def genes(self) -> list[str]:
@@ -762,8 +843,8 @@ class ExpressionModel:
         return self._target_transform
 
     @property
-    def embedding(self) -> str:
-        """The ``obsm`` key of the embedding the model reads."""
+    def embedding(self) -> str | None:
+        """The ``obsm`` key of the embedding the model reads (``None`` for a ``"cnn"`` model)."""
         return self._embedding
 
     @property
@@ -773,7 +854,7 @@ class ExpressionModel:
 
     @property
     def n_features(self) -> int:
-        """Dimension of the embedding."""
+        """Dimension of the embedding (of the encoder's output, for a ``"cnn"`` model)."""
         return self._n_features
 
     @property
@@ -788,29 +869,38 @@ class ExpressionModel:
 
     @property
     def alpha(self) -> float | None:
-        """Penalty of a ridge model (``None`` for an MLP)."""
+        """Penalty of a ridge model (``None`` for the other methods)."""
         value = self._provenance.get("alpha")
         return None if value is None else float(value)
 
     # -- prediction ----------------------------------------------------------------------------------
     def _get_network(self) -> Any:
         if self._network is None:
-            import torch
+            if self._method == "cnn":
+                from ._fit_cnn import rebuild_network
 
-            from ..models._heads import MLPHead
+                self._network = rebuild_network(self._config, len(self._genes), self._arrays)
+            elif self._method == "contrastive":
+                from ._fit_contrastive import rebuild_heads
 
-            c = self._config
-            net = MLPHead(
-                self._n_features,
-                len(self._genes),
-                n_hidden=c["n_hidden"],
-                n_layers=c["n_layers"],
-                dropout=c["dropout"],
-            )
-            state = {k[4:]: torch.from_numpy(np.array(v)) for k, v in self._arrays.items() if k.startswith("net.")}
-            net.load_state_dict(state)
-            net.eval()
-            self._network = net
+                self._network = rebuild_heads(self._config, self._n_features, self._arrays)
+            else:
+                import torch
+
+                from ..models._heads import MLPHead
+
+                c = self._config
+                net = MLPHead(
+                    self._n_features,
+                    len(self._genes),
+                    n_hidden=c["n_hidden"],
+                    n_layers=c["n_layers"],
+                    dropout=c["dropout"],
+                )
+                state = {k[4:]: torch.from_numpy(np.array(v)) for k, v in self._arrays.items() if k.startswith("net.")}
+                net.load_state_dict(state)
+                net.eval()
+                self._network = net
         return self._network
 
     def predict_embeddings(self, X: np.ndarray, *, batch_size: int = 65536) -> np.ndarray:
@@ -839,6 +929,11 @@ class ExpressionModel:
         (3, 5)
 
         """
+        if self.uses_images:
+            raise TypeError(
+                f"A {self._method!r} model reads the spots' patches, not an embedding: use "
+                "`hs.tl.predict(sdata, model)` or `model.predict_patches(images)`."
+            )
         X = np.asarray(X, dtype=np.float64)
         if X.ndim != 2 or X.shape[1] != self._n_features:
             raise ValueError(
@@ -850,7 +945,7 @@ class ExpressionModel:
             return out
         a = self._arrays
         Z = (X[ok] - a["scaler_mean"]) / a["scaler_scale"]
-        if self._method != "mlp":
+        if self._method in ("ridge", "ridge_hest"):
             P = (Z - a["pca_mean"]) @ a["pca_components"].T
             out[ok] = P @ a["coef"] + a["intercept"]
             return out
@@ -862,8 +957,73 @@ class ExpressionModel:
         with torch.no_grad():
             for start in range(0, len(Zf), batch_size):
                 parts.append(net(torch.from_numpy(Zf[start : start + batch_size])).numpy().astype(np.float64))
+        if self._method == "contrastive":
+            from ._fit_contrastive import retrieve
+
+            c = self._config
+            out[ok] = retrieve(
+                np.concatenate(parts),
+                a["reference_projection"],
+                a["reference_expression"],
+                k=c["k"],
+                weighting=c["weighting"],
+                temperature=c["temperature"],
+            )
+            return out
         out[ok] = np.concatenate(parts) * a["target_scale"] + a["target_mean"]
         return out
+
+    def predict_patches(
+        self, images: np.ndarray, *, tta: bool | None = None, batch_size: int = 128, device: Any = "cpu"
+    ) -> np.ndarray:
+        """Predictions ``(n_spots, n_genes)`` (float32) of a ``"cnn"`` model for patches.
+
+        Parameters
+        ----------
+        images
+            ``(n, patch_px, patch_px, 3)`` uint8 patches of ``config['patch_size_um']`` µm, as cut by
+            :func:`histoseq.pp.extract_patches` with the model's ``patch_size_um`` and ``patch_px``.
+        tta
+            Average the predictions over the 8 turns and flips of each patch (test-time augmentation);
+            ``None``: the model's default (``config['tta']``).
+        batch_size
+            Patches per batch.
+        device
+            Torch device to run the network on.
+
+        Returns
+        -------
+        Predicted (transformed) expression of :attr:`genes`.
+
+        Examples
+        --------
+        >>> import histoseq as hs
+        >>> sdata = hs.datasets.synthetic(n_sections=2, section_size_um=700, progress=False)
+        >>> model = hs.tl.fit(
+        ...     sdata, genes=4, method="cnn", patch_px=32, max_epochs=1, n_hidden=8, progress=False
+        ... )
+        >>> patches = hs.pp.extract_patches(sdata, patch_size_um=112, patch_px=32, progress=False)
+        >>> model.predict_patches(patches.images[:3]).shape
+        (3, 4)
+
+        """
+        if not self.uses_images:
+            raise TypeError(f"A {self._method!r} model reads embeddings: use `predict_embeddings`.")
+        from ._fit_cnn import predict_images
+
+        images = np.asarray(images)
+        px = int(self._config["patch_px"])
+        if images.ndim != 4 or images.shape[1:3] != (px, px) or images.shape[3] < 3 or images.dtype != np.uint8:
+            raise ValueError(
+                f"The model reads ({px}, {px}, 3) uint8 patches of {self._config['patch_size_um']} µm; got "
+                f"{images.dtype} of shape {images.shape}."
+            )
+        use_tta = bool(self._config.get("tta", True)) if tta is None else bool(tta)
+        raw = predict_images(self._get_network(), images, tta=use_tta, batch_size=batch_size, device=device)
+        a = self._arrays
+        if len(images) == 0:
+            return np.zeros((0, len(self._genes)), dtype=np.float32)
+        return (raw * a["target_scale"] + a["target_mean"]).astype(np.float32)
 
     def predict(self, sdata: SpatialData, **kwargs: Any) -> ad.AnnData | None:
         """Predict expression for the spots of ``sdata``: :func:`histoseq.tl.predict` with this model.
@@ -1023,20 +1183,36 @@ class ExpressionModel:
     def __repr__(self) -> str:
         p = self._provenance
         genes = ", ".join(self._genes[:6]) + (", ..." if len(self._genes) > 6 else "")
+        c = self._config
+        source = (
+            f"{c['patch_size_um']:g} µm patches at {c['patch_px']} px"
+            if self.uses_images
+            else f"{self._embedding!r} ({self._n_features} dims)"
+        )
         lines = [
-            f"ExpressionModel({self._method!r}): {self._embedding!r} ({self._n_features} dims) -> "
-            f"{len(self._genes)} genes, target {self._target_transform!r}",
+            f"ExpressionModel({self._method!r}): {source} -> {len(self._genes)} genes, target "
+            f"{self._target_transform!r}",
         ]
-        if self._method != "mlp":
+        stopped = f"best epoch {p.get('best_epoch')} (validation: {p.get('validation')})"
+        if self._method in ("ridge", "ridge_hest"):
             lines.append(
                 f"    ridge: alpha={p.get('alpha', float('nan')):.4g} ({p.get('alpha_rule', '?')}), "
                 f"{p.get('n_components', '?')} principal components"
             )
-        else:
-            c = self._config
+        elif self._method == "mlp":
             lines.append(
-                f"    mlp: {c['n_layers']} hidden layer(s) of {c['n_hidden']}, dropout {c['dropout']}; best epoch "
-                f"{p.get('best_epoch')} (validation: {p.get('validation')})"
+                f"    mlp: {c['n_layers']} hidden layer(s) of {c['n_hidden']}, dropout {c['dropout']}; {stopped}"
+            )
+        elif self._method == "cnn":
+            weights = f", weights {Path(c['weights']).name}" if c.get("weights") else ""
+            lines.append(
+                f"    cnn: {c['encoder']} ({c['encoder_dim']} dims{weights}) + {c['n_layers']} hidden layer(s) of "
+                f"{c['n_hidden']}; test-time augmentation {'on' if c.get('tta', True) else 'off'}; {stopped}"
+            )
+        else:
+            lines.append(
+                f"    contrastive (BLEEP): {c['n_proj']}-d joint space, temperature {c['temperature']:g}; predicts "
+                f"the {c['weighting']} of the top {c['k']} of {p.get('n_references', '?')} references; {stopped}"
             )
         groups = p.get("train_groups") or {}
         shown = ", ".join(list(groups)[:5]) + (", ..." if len(groups) > 5 else "")
@@ -1080,22 +1256,106 @@ def load_model(path: str | Path) -> ExpressionModel:
 # fit
 # --------------------------------------------------------------------------------------------------
 
+_TRAINING_OPTIONS = {"lr", "weight_decay", "batch_size", "patience", "val_groups", "val_fraction", "trainer_kwargs"}
 _METHOD_OPTIONS = {
     "ridge": {"alphas", "alpha", "n_components", "alpha_scoring", "n_splits"},
     "ridge_hest": {"n_components"},
-    "mlp": {
+    "mlp": {"n_hidden", "n_layers", "dropout", *_TRAINING_OPTIONS},
+    "cnn": {
+        "encoder",
+        "weights",
+        "patch_size_um",
+        "patch_px",
         "n_hidden",
         "n_layers",
         "dropout",
-        "lr",
-        "weight_decay",
-        "batch_size",
-        "patience",
-        "val_groups",
-        "val_fraction",
-        "trainer_kwargs",
+        "encoder_lr",
+        "flips",
+        "stain_jitter",
+        "tta",
+        *_TRAINING_OPTIONS,
     },
+    "contrastive": {"n_proj", "dropout", "temperature", "k", "weighting", *_TRAINING_OPTIONS},
 }
+
+
+def _undo_embeddings(added: list[tuple[Any, str, str, bool, Any]]) -> None:
+    """Remove the embeddings that :func:`_ensure_embeddings` added (in memory and on disk), restoring ``uns``."""
+    for obj, tkey, name, had_uns, old_uns in reversed(added):
+        table = obj.tables[tkey]
+        changed = f"X_{name}" in table.obsm or (name in table.uns) != had_uns or table.uns.get(name) is not old_uns
+        if not changed:
+            continue
+        table.obsm.pop(f"X_{name}", None)
+        if had_uns:
+            table.uns[name] = old_uns
+        else:
+            table.uns.pop(name, None)
+        try:
+            store_element(obj, "tables", tkey)
+        except Exception as err:  # pragma: no cover - disk errors while cleaning up must not hide the first error
+            logger.warning("Could not write table %r back after removing the embedding: %s", tkey, err)
+
+
+def _ensure_embeddings(
+    objects: list[Any],
+    table_key: str | None,
+    embedding: str,
+    embed_kwargs: Mapping[str, Any] | None,
+    random_state: int | None,
+    progress: bool,
+) -> list[tuple[Any, str, str, bool, Any]]:
+    """Compute ``obsm[embedding]`` with :func:`histoseq.tl.embed` for the SpatialData objects that lack it.
+
+    The encoder is named by the key (``"X_morphology"`` → ``"morphology"``) unless ``embed_kwargs`` gives
+    ``encoder=``. Returns what was added, for :func:`_undo_embeddings`; on an error, what was added so
+    far is removed before the error propagates.
+    """
+    import anndata as ad
+
+    from ._embed import embed, list_encoders
+
+    lacking = []
+    for obj in objects:
+        if isinstance(obj, ad.AnnData):
+            continue
+        tkey, table = get_table(obj, table_key)
+        if embedding not in table.obsm:
+            lacking.append((obj, tkey))
+    if not lacking:
+        return []
+    kwargs = dict(embed_kwargs or {})
+    name = _embedding_name(embedding)
+    for bad in ("sdata", "table_key", "inplace"):
+        if bad in kwargs:
+            raise TypeError(f"`embed_kwargs` cannot set {bad!r}: fit sets it.")
+    if not embedding.startswith("X_") or kwargs.get("key_added", name) != name:
+        raise KeyError(
+            f"{_missing_embedding_error(embedding, f'Table {lacking[0][1]!r}').args[0]} fit computes a missing "
+            "embedding only under a key `X_<name>` (with `key_added=<name>`)."
+        )
+    kwargs["key_added"] = name
+    encoder = kwargs.pop("encoder", name)
+    if isinstance(encoder, str) and encoder == name and name not in list_encoders():
+        raise KeyError(
+            f"{_missing_embedding_error(embedding, f'Table {lacking[0][1]!r}').args[0]} {name!r} is not an encoder "
+            f"name ({list_encoders()}), so fit cannot compute it: pass `embed_kwargs={{'encoder': ...}}`."
+        )
+    kwargs.setdefault("random_state", random_state)
+    kwargs.setdefault("progress", progress)
+    added: list[tuple[Any, str, str, bool, Any]] = []
+    try:
+        for obj, tkey in lacking:
+            table = obj.tables[tkey]
+            added.append((obj, tkey, name, name in table.uns, table.uns.get(name)))
+            logger.info(
+                "Table %r has no `obsm[%r]`: computing it with hs.tl.embed(encoder=%r).", tkey, embedding, encoder
+            )
+            embed(obj, encoder=encoder, table_key=tkey, **kwargs)
+    except BaseException:
+        _undo_embeddings(added)
+        raise
+    return added
 
 
 def fit(
@@ -1116,14 +1376,21 @@ def fit(
     accelerator: str | Any = "auto",
     devices: int | str | Sequence[int] = "auto",
     strategy: str | Any = "auto",
+    embed_kwargs: Mapping[str, Any] | None = None,
     **method_kwargs: Any,
 ) -> ExpressionModel:
-    """Learn gene expression from spot embeddings.
+    """Learn gene expression from spot embeddings, or from the spots' H&E patches.
 
     The targets are the ``target_transform`` of the raw counts in ``X``; the inputs are the embeddings in
-    ``obsm[embedding]``. Everything that is learnt (gene selection, scaling, principal components,
-    penalty, early stopping) looks at the training spots only, so a model trained with ``train=`` can be
-    evaluated honestly on the other sections. The methods:
+    ``obsm[embedding]`` (or, for ``method="cnn"``, the patches around the spots). Everything that is
+    learnt (gene selection, scaling, principal components, penalty, early stopping) looks at the training
+    spots only, so a model trained with ``train=`` can be evaluated honestly on the other sections.
+
+    When ``obsm[embedding]`` is absent from a SpatialData's table, it is computed first with
+    :func:`histoseq.tl.embed`, with the encoder named by the key (``"X_morphology"`` → ``"morphology"``,
+    ``"X_resnet18"`` → ``"resnet18"``) and the options ``embed_kwargs`` (e.g. ``{"patch_px": 128}``, or
+    ``{"encoder": "resnet18", "weights": "ssl.pt"}`` for another key). So ``hs.tl.fit(sdata)`` then
+    ``hs.tl.predict(other, model)`` is a whole workflow. The methods:
 
     - ``"ridge"``: :class:`~sklearn.preprocessing.StandardScaler`-like standardisation, PCA to
       ``n_components`` (default ``min(256, n_features, n_train - 1)``; a float in (0, 1) keeps that
@@ -1151,19 +1418,42 @@ def fit(
       chosen with ``random_state`` (or ``val_groups``), or a spatial block of a single group; the weights
       of the best validation epoch are kept. ``random_state`` makes training deterministic (on a given
       device) without touching the global random state.
+    - ``"cnn"``: end-to-end training of an image encoder and a head on the patches (as ST-Net and
+      HistoSPACE do). The ``patch_size_um`` µm patch around each training spot is cut once at ``patch_px``
+      pixels (default 112 µm at 64 px: quick on CPUs) and kept as uint8 in memory (12 kB per spot at
+      64 px). The encoder (``encoder="small_cnn"`` by default, or ``"resnet18"``, any network of
+      :func:`histoseq.tl.list_encoders` or ``"timm:<name>"``) is random-initialised, or loaded from the
+      local state dict ``weights=`` (e.g. written by :func:`histoseq.tl.pretrain_encoder`); an
+      :class:`~histoseq.models._heads.MLPHead` (``n_hidden``, ``n_layers``, ``dropout``) follows. It is
+      trained like the MLP (standardised targets, MSE, AdamW with ``lr``, ``encoder_lr`` for the encoder,
+      ``weight_decay``, ``batch_size``; early stopping as above, default ``patience=10``, ``max_epochs``
+      100), with each training patch turned and flipped at random (``flips=True``: tissue has no
+      orientation) and, with ``stain_jitter > 0`` (default 0), its haematoxylin and eosin concentrations
+      scaled by up to ``± stain_jitter`` and shifted (:func:`histoseq.models._augment.hed_jitter`, against
+      stain differences between slides). Prediction averages the 8 turns and flips of each patch
+      (``tta=True``, the default stored in the model). Needs SpatialData (the images), not an AnnData;
+      ``embedding`` is not used. Spots whose centre is outside their image are left out (with a warning).
+    - ``"contrastive"``: BLEEP (Xie et al., 2023). Two projection heads map the standardised embedding
+      and the standardised expression into an ``n_proj``-dimensional joint space (L2-normalised), trained
+      with BLEEP's symmetric contrastive loss with soft targets (``temperature``; AdamW, ``batch_size``
+      spots per batch; early stopping as above). A spot is predicted by retrieval: the ``k`` (default 50)
+      training spots whose projected expression is most similar to its projected embedding, averaged
+      with weights ``softmax(similarity / temperature)`` (``weighting="softmax"``) or equally
+      (``"mean"``). The training spots' projections and transformed expression are stored in the model.
+      See :mod:`histoseq.tl._fit_contrastive`.
 
     Parameters
     ----------
     sdata
         A SpatialData, a list of them (their tables' rows are concatenated; they must share genes and
-        embedding), or an AnnData table.
+        embedding), or an AnnData table (not for ``"cnn"``).
     genes
         Gene names, or a number ``n`` of genes to select with :func:`histoseq.tl.select_genes` on the
         training spots (``min_spot_fraction``, ``hvg_flavor``).
     method
-        ``"ridge"``, ``"ridge_hest"`` or ``"mlp"``.
+        ``"ridge"``, ``"ridge_hest"``, ``"mlp"``, ``"cnn"`` or ``"contrastive"``.
     embedding
-        Key of the embedding in ``obsm``.
+        Key of the embedding in ``obsm`` (not used by ``"cnn"``).
     train
         Training spots: ``None`` (all), values of ``obs[groups]`` (e.g. sample ids), or a boolean mask over
         the rows (of the concatenated tables, for a list).
@@ -1180,26 +1470,34 @@ def fit(
     hvg_flavor
         Flavor of the gene selection (see :func:`histoseq.tl.select_genes`).
     random_state
-        Seed of the PCA solver, the spatial blocks and the MLP (initialisation, batches, dropout).
+        Seed of the PCA solver, the spatial blocks and the networks (initialisation, batches, dropout,
+        augmentation).
     progress
-        Show Lightning's progress bar and messages (MLP).
+        Show progress bars and Lightning's messages.
     max_epochs
-        Maximal number of epochs of the MLP (default 200).
+        Maximal number of epochs of the networks (default 200; 100 for ``"cnn"``).
     accelerator
-        Lightning accelerator of the MLP (``"auto"``, ``"cpu"``, ``"gpu"``, ...).
+        Lightning accelerator of the networks (``"auto"``, ``"cpu"``, ``"gpu"``, ...).
     devices
-        Lightning devices of the MLP.
+        Lightning devices of the networks.
     strategy
-        Lightning strategy of the MLP (e.g. ``"ddp"`` on several GPUs).
+        Lightning strategy of the networks (e.g. ``"ddp"`` on several GPUs).
+    embed_kwargs
+        Options of :func:`histoseq.tl.embed` when the embedding is computed (see above).
     **method_kwargs
         Options of the method: ``alphas``, ``alpha``, ``n_components``, ``alpha_scoring``, ``n_splits``
-        (ridge; ``n_components`` for ``ridge_hest``); ``n_hidden``, ``n_layers``, ``dropout``, ``lr``,
+        (ridge; ``n_components`` for ``ridge_hest``); ``n_hidden``, ``n_layers``, ``dropout`` (MLP, cnn);
+        ``encoder``, ``weights``, ``patch_size_um``, ``patch_px``, ``encoder_lr``, ``flips``, ``stain_jitter``,
+        ``tta`` (cnn);
+        ``n_proj``, ``dropout``, ``temperature``, ``k``, ``weighting`` (contrastive); and ``lr``,
         ``weight_decay``, ``batch_size``, ``patience``, ``val_groups``, ``val_fraction``,
-        ``trainer_kwargs`` (MLP).
+        ``trainer_kwargs`` (all networks).
 
     Returns
     -------
-    The trained :class:`~histoseq.tl.ExpressionModel`; the table is not modified.
+    The trained :class:`~histoseq.tl.ExpressionModel`. The tables are not modified, except that a missing
+    embedding is added (``obsm[embedding]`` and ``uns[name]``, as :func:`histoseq.tl.embed` writes them);
+    when the fit fails, embeddings it added are removed again (also from disk for backed objects).
 
     Examples
     --------
@@ -1224,64 +1522,141 @@ def fit(
         raise TypeError(
             f"Unknown option(s) {unknown} for method {method!r}; it takes {sorted(_METHOD_OPTIONS[method])}."
         )
-    if method != "mlp" and max_epochs is not None:
-        logger.warning("`max_epochs` only applies to `method='mlp'`; ignored.")
+    if method not in NETWORK_METHODS and max_epochs is not None:
+        logger.warning("`max_epochs` only applies to the methods %s; ignored.", list(NETWORK_METHODS))
+    images = method in IMAGE_METHODS
+    is_list = isinstance(sdata, Sequence) and not isinstance(sdata, str)
+    objects = list(sdata) if is_list else [sdata]
+    if is_list and not objects:
+        raise ValueError("`sdata` is an empty list.")
+    if images:
+        if any(isinstance(o, ad.AnnData) for o in objects):
+            raise TypeError(
+                f"`method={method!r}` learns from the images, so it needs SpatialData objects (with the H&E images "
+                "and the spots), not an AnnData table."
+            )
+        if embed_kwargs is not None:
+            logger.warning("`embed_kwargs` is not used by `method=%r`, which reads the patches.", method)
+        from ._fit_cnn import check_options
 
-    if isinstance(sdata, ad.AnnData):
-        table, source = sdata, "the AnnData"
-    elif isinstance(sdata, Sequence) and not isinstance(sdata, str):
-        if not sdata:
-            raise ValueError("`sdata` is an empty list.")
-        tables = [_as_table(s, table_key) for s in sdata]
-        table = tables[0] if len(tables) == 1 else _concat_tables(tables, embedding, groups)
-        source = f"{len(tables)} SpatialData objects"
+        check_options(**method_kwargs)
+        added: list[tuple[Any, str, str, bool, Any]] = []
     else:
-        tkey, table = get_table(sdata, table_key)
-        source = f"table {tkey!r}"
-    X_all = _embedding_matrix(table, embedding, f"The {source}" if source.startswith("table") else source)
-    labels = _group_labels(table, groups)
-    mask = _train_mask(table, train, groups)
-    finite = np.isfinite(X_all).all(axis=1)
-    if (mask & ~finite).any():
-        logger.warning(
-            "%d training spot(s) have non-finite values in `obsm[%r]` (no image under them?); they are left out.",
-            int((mask & ~finite).sum()),
-            embedding,
-        )
-        mask &= finite
-        if not mask.any():
-            raise ValueError(f"No training spot has a finite embedding `obsm[{embedding!r}]`.")
-    rows = np.flatnonzero(mask)
-    gene_list = _resolve_genes(table, genes, mask, min_spot_fraction=min_spot_fraction, flavor=hvg_flavor)
-    cols = table.var_names.get_indexer(gene_list)
-    Y = transform_counts(table.X[rows], target_transform, cols)
-    X = X_all[rows]
-    lab = labels[rows] if labels is not None else None
-    regions = _region_labels(table)
-    reg = regions[rows] if regions is not None else None
-    coords = np.asarray(table.obsm["spatial"], float)[rows, :2] if "spatial" in table.obsm else None
-    logger.info(
-        "Fitting a %s model: %d spots × %d embedding dims -> %d genes (%s).",
-        method,
-        len(rows),
-        X.shape[1],
-        len(gene_list),
-        target_transform,
-    )
-    if method == "mlp":
-        arrays, config, info = _fit_mlp(
-            X,
-            Y,
-            lab,
-            reg,
-            coords,
+        added = _ensure_embeddings(objects, table_key, embedding, embed_kwargs, random_state, progress)
+    try:
+        return _fit(
+            sdata,
+            objects,
+            is_list,
+            genes=genes,
+            method=method,
+            embedding=None if images else embedding,
+            train=train,
+            table_key=table_key,
+            target_transform=target_transform,
+            groups=groups,
+            min_spot_fraction=min_spot_fraction,
+            hvg_flavor=hvg_flavor,
             random_state=random_state,
             progress=progress,
             max_epochs=max_epochs,
             accelerator=accelerator,
             devices=devices,
             strategy=strategy,
-            **method_kwargs,
+            method_kwargs=method_kwargs,
+        )
+    except BaseException:
+        _undo_embeddings(added)
+        raise
+
+
+def _fit(
+    sdata: Any,
+    objects: list[Any],
+    is_list: bool,
+    *,
+    genes: int | Sequence[str],
+    method: str,
+    embedding: str | None,
+    train: Any,
+    table_key: str | None,
+    target_transform: TargetTransform,
+    groups: str | None,
+    min_spot_fraction: float,
+    hvg_flavor: str,
+    random_state: int | None,
+    progress: bool,
+    max_epochs: int | None,
+    accelerator: Any,
+    devices: Any,
+    strategy: Any,
+    method_kwargs: dict[str, Any],
+) -> ExpressionModel:
+    """The body of :func:`fit`, once its options are checked and the embeddings exist."""
+    import anndata as ad
+
+    if isinstance(sdata, ad.AnnData):
+        table, source = sdata, "the AnnData"
+    elif is_list:
+        tables = [_as_table(s, table_key) for s in objects]
+        table = tables[0] if len(tables) == 1 else _concat_tables(tables, embedding, groups)
+        source = f"{len(tables)} SpatialData objects"
+    else:
+        tkey, table = get_table(sdata, table_key)
+        source = f"table {tkey!r}"
+    labels = _group_labels(table, groups)
+    mask = _train_mask(table, train, groups)
+    X_all = None
+    if embedding is not None:
+        X_all = _embedding_matrix(table, embedding, f"The {source}" if source.startswith("table") else source)
+        finite = np.isfinite(X_all).all(axis=1)
+        if (mask & ~finite).any():
+            logger.warning(
+                "%d training spot(s) have non-finite values in `obsm[%r]` (no image under them?); they are left out.",
+                int((mask & ~finite).sum()),
+                embedding,
+            )
+            mask &= finite
+            if not mask.any():
+                raise ValueError(f"No training spot has a finite embedding `obsm[{embedding!r}]`.")
+    else:
+        patch_images, patch_params, mask = _training_patches(objects, table_key, mask, method_kwargs, progress)
+    rows = np.flatnonzero(mask)
+    gene_list = _resolve_genes(table, genes, mask, min_spot_fraction=min_spot_fraction, flavor=hvg_flavor)
+    cols = table.var_names.get_indexer(gene_list)
+    Y = transform_counts(table.X[rows], target_transform, cols)
+    lab = labels[rows] if labels is not None else None
+    regions = _region_labels(table)
+    reg = regions[rows] if regions is not None else None
+    coords = np.asarray(table.obsm["spatial"], float)[rows, :2] if "spatial" in table.obsm else None
+    X = X_all[rows] if X_all is not None else None
+    logger.info(
+        "Fitting a %s model: %d spots × %s -> %d genes (%s).",
+        method,
+        len(rows),
+        "patches" if X is None else f"{X.shape[1]} embedding dims",
+        len(gene_list),
+        target_transform,
+    )
+    training = {
+        "random_state": random_state,
+        "progress": progress,
+        "max_epochs": max_epochs,
+        "accelerator": accelerator,
+        "devices": devices,
+        "strategy": strategy,
+    }
+    if method == "mlp":
+        arrays, config, info = _fit_mlp(X, Y, lab, reg, coords, **training, **method_kwargs)
+    elif method == "contrastive":
+        from ._fit_contrastive import fit_contrastive
+
+        arrays, config, info = fit_contrastive(X, Y, lab, reg, coords, **training, **method_kwargs)
+    elif method == "cnn":
+        from ._fit_cnn import fit_cnn
+
+        arrays, config, info = fit_cnn(
+            patch_images, Y, lab, reg, coords, patch_params=patch_params, **training, **method_kwargs
         )
     else:
         arrays, config, info = _fit_ridge(
@@ -1310,8 +1685,8 @@ def fit(
         genes=gene_list,
         target_transform=target_transform,
         embedding=embedding,
-        embedding_params=_embedding_params(table, embedding),
-        n_features=X.shape[1],
+        embedding_params=_embedding_params(table, embedding) if embedding is not None else {},
+        n_features=X.shape[1] if X is not None else config["encoder_dim"],
         arrays=arrays,
         config=config,
         provenance=provenance,
@@ -1323,6 +1698,37 @@ def fit(
         f" (alpha={info['alpha']:.4g})" if "alpha" in info else f" (best epoch {info.get('best_epoch')})",
     )
     return model
+
+
+def _training_patches(
+    objects: list[Any], table_key: str | None, mask: np.ndarray, options: Mapping[str, Any], progress: bool
+) -> tuple[np.ndarray, dict[str, Any], np.ndarray]:
+    """Patches of the training spots of the (concatenated) tables; spots without a patch leave the mask."""
+    from ._fit_cnn import DEFAULT_PATCH_PX, DEFAULT_PATCH_SIZE_UM, spot_patches
+
+    size_um = float(options.get("patch_size_um", DEFAULT_PATCH_SIZE_UM))
+    px = int(options.get("patch_px", DEFAULT_PATCH_PX))
+    mask = mask.copy()
+    parts, params = [], {}
+    offset = 0
+    for obj in objects:
+        tkey, table = get_table(obj, table_key)
+        local = np.flatnonzero(mask[offset : offset + table.n_obs])
+        if len(local):
+            imgs, found, p = spot_patches(obj, tkey, local, patch_size_um=size_um, patch_px=px, progress=progress)
+            params = {**p, "images": {**params.get("images", {}), **p.get("images", {})}}
+            if not found.all():
+                logger.warning(
+                    "%d training spot(s) of table %r have no patch (centre outside the image); they are left out.",
+                    int((~found).sum()),
+                    tkey,
+                )
+                mask[offset + local[~found]] = False
+            parts.append(imgs[found])
+        offset += table.n_obs
+    if not mask.any():
+        raise ValueError("No training spot has a patch: are the spots on their images?")
+    return np.concatenate(parts), params, mask
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1388,7 +1794,7 @@ def _prediction_info(model: ExpressionModel, **extra: Any) -> dict[str, Any]:
         "genes": model.genes,
         "target_transform": "none" if model.target_transform is None else model.target_transform,
         "method": model.method,
-        "embedding": model.embedding,
+        "embedding": model.embedding or "",
         "groups": p.get("groups") or "",
         "train_groups": list(p.get("train_groups") or {}),
     }
@@ -1406,12 +1812,19 @@ def predict(
     table_key: str | None = "table",
     spots: Any = None,
     inplace: bool = True,
+    tta: bool | None = None,
+    device: Any = "cpu",
 ) -> ad.AnnData | None:
-    """Predict expression from the embeddings of a table's spots.
+    """Predict expression from the embeddings (or the patches) of a table's spots.
 
     The embedding ``obsm[model.embedding]`` is read from the table; when it is absent and
     :func:`histoseq.tl.embed` is available, it is computed first with the encoder recorded in the model
     (and kept in the table). A table whose embedding was made by another encoder is refused.
+
+    A ``"cnn"`` model reads images instead: the patches of its ``patch_size_um`` and ``patch_px`` are cut
+    around the spots (:func:`histoseq.pp.extract_patches`) and run through its network, averaged over the
+    8 turns and flips of each patch unless ``tta=False``; no embedding is needed. Spots whose centre lies
+    outside their image get NaN.
 
     Parameters
     ----------
@@ -1427,6 +1840,10 @@ def predict(
         Spots to predict: ``None`` (all), a boolean mask, names or positions of table rows.
     inplace
         Write the predictions into ``sdata`` (``True``) or return them.
+    tta
+        ``"cnn"`` models: test-time augmentation; ``None``: the model's default (``model.config['tta']``).
+    device
+        ``"cnn"`` models: the torch device that runs the network.
 
     Returns
     -------
@@ -1466,14 +1883,33 @@ def predict(
     rows = select_rows(table.n_obs, table.obs_names, spots)
     if rows.size == 0:
         raise ValueError("`spots` selects no spot.")
-    X = _prediction_embedding(sdata, tkey, model)
+    if model.uses_images:
+        from ._fit_cnn import spot_patches
+
+        c = model.config
+        images, found, _ = spot_patches(
+            sdata, tkey, rows, patch_size_um=c["patch_size_um"], patch_px=c["patch_px"], progress=False
+        )
+        pred = np.full((len(rows), len(model.genes)), np.nan, dtype=np.float32)
+        pred[found] = model.predict_patches(images[found], tta=tta, device=device)
+        use_tta = bool(c.get("tta", True)) if tta is None else bool(tta)
+        extra: dict[str, Any] = {
+            "encoder": c["encoder"],
+            "patch_size_um": c["patch_size_um"],
+            "patch_px": c["patch_px"],
+            "tta": use_tta,
+        }
+        missing_what = "patch (centre outside the image)"
+    else:
+        X = _prediction_embedding(sdata, tkey, model)
+        pred = model.predict_embeddings(X[rows])
+        extra, missing_what = {}, "finite embedding"
     table = sdata.tables[tkey]
-    pred = model.predict_embeddings(X[rows])
     n_nan = int(np.isnan(pred).all(axis=1).sum())
     if n_nan:
-        logger.warning("%d spot(s) have no finite embedding; their predictions are NaN.", n_nan)
+        logger.warning("%d spot(s) have no %s; their predictions are NaN.", n_nan, missing_what)
     has_genes = all(g in table.var_names for g in model.genes)
-    info = _prediction_info(model, n_spots=len(rows), source_table=tkey)
+    info = _prediction_info(model, n_spots=len(rows), source_table=tkey, **extra)
 
     def new_table() -> ad.AnnData:
         obs = table.obs.iloc[rows].copy()
