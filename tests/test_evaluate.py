@@ -13,6 +13,21 @@ from test_fit import TEST, TRAIN, light_copy, snapshot, standin_embedding
 import histoseq as hs
 from histoseq.tl._evaluate import METRICS
 
+
+def _standin(func):
+    """``func`` reading the stand-in embedding ``X_morphology`` unless told otherwise (the default embedding
+    of hs.tl.fit is the three-scale morphology, which test_default_embedding_is_the_context_morphology covers)."""
+
+    def wrapped(*args, **kwargs):
+        kwargs.setdefault("embedding", "X_morphology")
+        return func(*args, **kwargs)
+
+    return wrapped
+
+
+fit_ = _standin(hs.tl.fit)
+cross_validate_ = _standin(hs.tl.cross_validate)
+
 COLUMNS = ["section", "gene", "n_spots", *METRICS, "in_training"]
 
 
@@ -31,7 +46,7 @@ def sdata(base):
 
 @pytest.fixture(scope="module")
 def model(base):
-    return hs.tl.fit(base, genes=list(base.tables["table"].var_names), train=TRAIN, progress=False)
+    return fit_(base, genes=list(base.tables["table"].var_names), train=TRAIN, progress=False)
 
 
 def test_evaluate_outputs(sdata, model, caplog):
@@ -160,7 +175,7 @@ def test_evaluate_errors_leave_the_table_unchanged(sdata, model):
 
 def test_cross_validate_is_leakage_free_and_writes_nothing_by_default(sdata):
     before = snapshot(sdata)
-    cv = hs.tl.cross_validate(sdata, genes=30, keep_models=True, progress=False)
+    cv = cross_validate_(sdata, genes=30, keep_models=True, progress=False)
     assert snapshot(sdata) == before
     assert list(cv.summary["test_group"]) == ["section0", "section1", "section2"]
     assert {"alpha", "pearson_mean", "pearson_median", "n_genes_pearson_positive", "n_test_spots"} <= set(
@@ -186,16 +201,14 @@ def test_cross_validate_selects_genes_inside_each_fold(sdata):
     test = (table.obs["sample_id"] == TEST).to_numpy()
     X[test, table.var_names.get_loc("NOISE1")] = np.random.default_rng(0).choice([0.0, 400.0], size=test.sum())
     table.X = sparse.csr_matrix(X)
-    cv = hs.tl.cross_validate(sdata, genes=20, keep_models=True, progress=False)
+    cv = cross_validate_(sdata, genes=20, keep_models=True, progress=False)
     chosen = {g: "NOISE1" in m.genes for g, m in zip(cv.summary["test_group"], cv.models)}
     assert chosen == {"section0": True, "section1": True, "section2": False}
 
 
 def test_cross_validate_key_added_and_mlp(sdata):
     genes = ["TUM1", "TUM2", "DENS1", "EOS1", "NOISE1"]
-    cv = hs.tl.cross_validate(
-        sdata, genes=genes, method="mlp", key_added="cv", max_epochs=10, n_hidden=16, progress=False
-    )
+    cv = cross_validate_(sdata, genes=genes, method="mlp", key_added="cv", max_epochs=10, n_hidden=16, progress=False)
     assert "best_epoch" in cv.summary
     table = sdata.tables["table"]
     assert np.isfinite(table.layers["cv"][:, table.var_names.get_indexer(genes)]).all()
@@ -209,12 +222,12 @@ def test_cross_validate_key_added_and_mlp(sdata):
 def test_cross_validate_refuses_donor_leakage(sdata):
     before = snapshot(sdata)
     with pytest.raises(ValueError, match="donor"):
-        hs.tl.cross_validate(sdata, groups="sample_id", donor_key="donor_id", key_added="cv", progress=False)
+        cross_validate_(sdata, groups="sample_id", donor_key="donor_id", key_added="cv", progress=False)
     assert snapshot(sdata) == before
-    cv = hs.tl.cross_validate(sdata, groups="donor_id", donor_key="donor_id", genes=10, progress=False)
+    cv = cross_validate_(sdata, groups="donor_id", donor_key="donor_id", genes=10, progress=False)
     assert list(cv.summary["test_group"]) == ["donor0", "donor1"]
     sdata.tables["table"].obs["one"] = "x"
     with pytest.raises(ValueError, match="at least two"):
-        hs.tl.cross_validate(sdata, groups="one", progress=False)
+        cross_validate_(sdata, groups="one", progress=False)
     with pytest.raises(KeyError, match=r"hs\.tl\.embed"):
-        hs.tl.cross_validate(sdata, embedding="X_absent", progress=False)
+        cross_validate_(sdata, embedding="X_absent", progress=False)

@@ -11,6 +11,20 @@ import torch
 import histoseq as hs
 from histoseq.tl._fit import _column_pearson, transform_counts
 
+
+def _standin(func):
+    """``func`` reading the stand-in embedding ``X_morphology`` unless told otherwise (the default embedding
+    of hs.tl.fit is the three-scale morphology, which test_default_embedding_is_the_context_morphology covers)."""
+
+    def wrapped(*args, **kwargs):
+        kwargs.setdefault("embedding", "X_morphology")
+        return func(*args, **kwargs)
+
+    return wrapped
+
+
+fit_ = _standin(hs.tl.fit)
+
 TRAIN = ["section0", "section1"]
 TEST = "section2"
 
@@ -68,7 +82,7 @@ def sdata(base):
 
 @pytest.fixture(scope="module")
 def ridge_model(base):
-    return hs.tl.fit(base, genes=list(base.tables["table"].var_names), train=TRAIN, progress=False)
+    return fit_(base, genes=list(base.tables["table"].var_names), train=TRAIN, progress=False)
 
 
 def held_out_pearson(table, model):
@@ -97,7 +111,7 @@ def test_ridge_recovers_learnable_genes_on_a_held_out_section(base, ridge_model)
 
 def test_cv_penalty_differs_sensibly_from_hest(base, ridge_model):
     table = base.tables["table"]
-    hest = hs.tl.fit(base, genes=ridge_model.genes, method="ridge_hest", train=TRAIN, progress=False)
+    hest = fit_(base, genes=ridge_model.genes, method="ridge_hest", train=TRAIN, progress=False)
     n_comp = hest.provenance["n_components"]
     assert hest.alpha == pytest.approx(100 / (n_comp * len(hest.genes)))
     # 40 noisy dimensions for 99 spots: HEST's tiny fixed penalty overfits, the CV penalty is far larger...
@@ -110,28 +124,28 @@ def test_cv_penalty_differs_sensibly_from_hest(base, ridge_model):
 
 
 def test_fixed_alpha_grid_and_pca_options(base):
-    model = hs.tl.fit(base, genes=10, train=TRAIN, alpha=5.0, n_components=8, progress=False)
+    model = fit_(base, genes=10, train=TRAIN, alpha=5.0, n_components=8, progress=False)
     assert model.alpha == 5.0 and model.provenance["n_components"] == 8
-    frac = hs.tl.fit(base, genes=10, train=TRAIN, n_components=0.5, alphas=[1, 10, 100], progress=False)
+    frac = fit_(base, genes=10, train=TRAIN, n_components=0.5, alphas=[1, 10, 100], progress=False)
     assert frac.provenance["n_components"] < 40 and frac.alpha in (1, 10, 100)
     with pytest.raises(TypeError, match="Unknown option"):
-        hs.tl.fit(base, genes=10, method="ridge_hest", alphas=[1.0], progress=False)
+        fit_(base, genes=10, method="ridge_hest", alphas=[1.0], progress=False)
 
 
 def test_single_training_section_uses_spatial_blocks(base, caplog):
     with caplog.at_level(logging.WARNING, logger="histoseq.tl._fit"):
-        model = hs.tl.fit(base, genes=10, train=["section0"], progress=False)
+        model = fit_(base, genes=10, train=["section0"], progress=False)
     assert "spatial blocks" in model.provenance["alpha_rule"]
     assert "one group" in caplog.text
 
 
 def test_explicit_genes_and_bad_genes(base):
-    model = hs.tl.fit(base, genes=["TUM1", "DENS1", "NOISE1"], train=TRAIN, progress=False)
+    model = fit_(base, genes=["TUM1", "DENS1", "NOISE1"], train=TRAIN, progress=False)
     assert model.genes == ["TUM1", "DENS1", "NOISE1"]
     with pytest.raises(KeyError, match="NOT_A_GENE"):
-        hs.tl.fit(base, genes=["TUM1", "NOT_A_GENE"], progress=False)
+        fit_(base, genes=["TUM1", "NOT_A_GENE"], progress=False)
     with pytest.raises(ValueError, match="more than once"):
-        hs.tl.fit(base, genes=["TUM1", "TUM1"], progress=False)
+        fit_(base, genes=["TUM1", "TUM1"], progress=False)
 
 
 def test_gene_selection_looks_at_training_spots_only(sdata):
@@ -146,7 +160,7 @@ def test_gene_selection_looks_at_training_spots_only(sdata):
     assert "NOISE1" in hs.tl.select_genes(sdata, n=20)  # looking at all spots picks it
     assert "NOISE1" not in hs.tl.select_genes(sdata, n=20, train=TRAIN)
     assert "NOISE1" not in hs.tl.select_genes(table, n=20, train=~test)  # AnnData and a mask
-    model = hs.tl.fit(sdata, genes=20, train=TRAIN, progress=False)
+    model = fit_(sdata, genes=20, train=TRAIN, progress=False)
     assert "NOISE1" not in model.genes and len(model.genes) == 20
     assert model.genes == [g for g in table.var_names if g in set(model.genes)]  # table order
 
@@ -168,9 +182,9 @@ def test_gene_selection_filters_sparse_genes(sdata):
 def test_mlp_trains_predicts_and_is_deterministic(base):
     kw = {"genes": 20, "method": "mlp", "train": TRAIN, "max_epochs": 25, "n_hidden": 32, "progress": False}
     state = torch.random.get_rng_state()
-    a = hs.tl.fit(base, **kw)
+    a = fit_(base, **kw)
     assert torch.equal(state, torch.random.get_rng_state())  # the global random state is left alone
-    b = hs.tl.fit(base, **kw)
+    b = fit_(base, **kw)
     table = base.tables["table"]
     r, pa, _ = held_out_pearson(table, a)
     _, pb, _ = held_out_pearson(table, b)
@@ -180,14 +194,14 @@ def test_mlp_trains_predicts_and_is_deterministic(base):
     p = a.provenance
     assert p["validation"] in ("group 'section0'", "group 'section1'")  # a training section, never the test one
     assert 0 <= p["best_epoch"] < p["epochs_run"] <= 25
-    c = hs.tl.fit(base, **{**kw, "random_state": 1})
+    c = fit_(base, **{**kw, "random_state": 1})
     assert not np.array_equal(pa, held_out_pearson(table, c)[1])
 
 
 @pytest.mark.parametrize("method", ["ridge", "mlp", "contrastive"])
 def test_save_load_round_trip(base, tmp_path, method):
     table = base.tables["table"]
-    model = hs.tl.fit(base, genes=15, method=method, train=TRAIN, max_epochs=5, progress=False)
+    model = fit_(base, genes=15, method=method, train=TRAIN, max_epochs=5, progress=False)
     path = model.save(tmp_path / "model.pt")
     raw = torch.load(path, weights_only=True)  # plain data: readable without unpickling objects
     assert set(raw) == {"meta", "tensors"} and isinstance(raw["meta"], str)
@@ -296,20 +310,20 @@ def test_model_predict_method_and_embedding_checks(sdata, ridge_model):
 
 def test_fit_errors_name_the_fix(base, sdata):
     with pytest.raises(KeyError, match=r"hs\.tl\.embed"):
-        hs.tl.fit(base, embedding="X_absent", progress=False)
+        fit_(base, embedding="X_absent", progress=False)
     with pytest.raises(KeyError, match="table"):
-        hs.tl.fit(base, table_key="nope", progress=False)
+        fit_(base, table_key="nope", progress=False)
     with pytest.raises(KeyError, match="section9"):
-        hs.tl.fit(base, train=["section9"], progress=False)
+        fit_(base, train=["section9"], progress=False)
     with pytest.raises(ValueError, match="Unknown `method`"):
-        hs.tl.fit(base, method="forest", progress=False)
+        fit_(base, method="forest", progress=False)
     table = sdata.tables["table"]
     X = table.X.toarray()
     X[4, 2] = np.nan
     table.X = type(table.X)(X)
     before = snapshot(sdata)
     with pytest.raises(ValueError, match="NaN"):
-        hs.tl.fit(sdata, genes=["TUM1"], progress=False)
+        fit_(sdata, genes=["TUM1"], progress=False)
     with pytest.raises(ValueError, match="NaN"):
         hs.tl.select_genes(sdata, n=5)
     assert snapshot(sdata)[:-1] == before[:-1]
@@ -321,10 +335,10 @@ def test_fit_on_several_spatialdata_objects(base):
     for sections in (TRAIN, [TEST]):
         sub = subset_table(table, table.obs["sample_id"].isin(sections).to_numpy())
         parts.append(sd.SpatialData(tables={"table": sub}))
-    model = hs.tl.fit(parts, genes=20, random_state=0, progress=False)
+    model = fit_(parts, genes=20, random_state=0, progress=False)
     assert model.provenance["n_train_spots"] == table.n_obs
     assert sorted(model.provenance["train_groups"]) == ["section0", "section1", "section2"]
-    single = hs.tl.fit(base, genes=20, progress=False)
+    single = fit_(base, genes=20, progress=False)
     assert single.genes == model.genes
     np.testing.assert_allclose(
         single.predict_embeddings(table.obsm["X_morphology"]),
@@ -335,7 +349,7 @@ def test_fit_on_several_spatialdata_objects(base):
     bad = parts[1].tables["table"]
     parts[1] = sd.SpatialData(tables={"table": bad[:, bad.var_names[:10]].copy()})
     with pytest.raises(ValueError, match="do not share their genes"):
-        hs.tl.fit(parts, genes=5, progress=False)
+        fit_(parts, genes=5, progress=False)
 
 
 @pytest.mark.filterwarnings("ignore:.*autosharding")
@@ -355,7 +369,7 @@ def test_zarr_backed_prediction_is_written_to_disk(base, ridge_model, tmp_path):
 def test_with_the_morphology_encoder():
     sdata = hs.datasets.synthetic(n_sections=3, section_size_um=900, random_state=0, progress=False)
     hs.tl.embed(sdata, encoder="morphology")
-    model = hs.tl.fit(sdata, genes=30, train=TRAIN, progress=False)
+    model = fit_(sdata, genes=30, train=TRAIN, progress=False)
     table = sdata.tables["table"]
     r, _, _ = held_out_pearson(table, model)
     learnable = table.var.loc[model.genes, "learnable"].to_numpy()
@@ -380,7 +394,7 @@ def test_contrastive_recovers_learnable_genes_and_predicts_by_retrieval(base):
     table = base.tables["table"]
     kw = {"method": "contrastive", "train": TRAIN, "max_epochs": 10, "n_proj": 64, "k": 20, "progress": False}
     state = torch.random.get_rng_state()
-    model = hs.tl.fit(base, genes=list(table.var_names), **kw)
+    model = fit_(base, genes=list(table.var_names), **kw)
     assert torch.equal(state, torch.random.get_rng_state())
     r, _, _ = held_out_pearson(table, model)
     var = table.var.loc[model.genes]
@@ -409,7 +423,7 @@ def test_contrastive_recovers_learnable_genes_and_predicts_by_retrieval(base):
     expected = (w / w.sum()) @ a["reference_expression"][top].astype(float)
     np.testing.assert_allclose(model.predict_embeddings(table.obsm["X_morphology"][[spot]])[0], expected, rtol=1e-5)
     # BLEEP's plain average of the top k
-    mean = hs.tl.fit(base, genes=model.genes, **{**kw, "weighting": "mean", "max_epochs": 1})
+    mean = fit_(base, genes=model.genes, **{**kw, "weighting": "mean", "max_epochs": 1})
     a = mean._arrays
     with torch.no_grad():
         q = mean._get_network()(torch.from_numpy(z[None].astype(np.float32))).numpy()[0].astype(float)
@@ -420,7 +434,7 @@ def test_contrastive_recovers_learnable_genes_and_predicts_by_retrieval(base):
         rtol=1e-5,
     )
     with pytest.raises(ValueError, match="weighting"):
-        hs.tl.fit(base, genes=5, method="contrastive", weighting="median", progress=False)
+        fit_(base, genes=5, method="contrastive", weighting="median", progress=False)
 
 
 def with_images(sdata, table):
@@ -443,15 +457,15 @@ def test_fit_computes_a_missing_embedding_and_cleans_up_on_failure(base):
         )
     before = [snapshot(p) for p in parts]
     with pytest.raises(KeyError, match="NOT_A_GENE"):
-        hs.tl.fit(parts, genes=["TUM1", "NOT_A_GENE"], embed_kwargs={"patch_px": 32}, progress=False)
+        fit_(parts, genes=["TUM1", "NOT_A_GENE"], embed_kwargs={"patch_px": 32}, progress=False)
     assert [snapshot(p) for p in parts] == before  # the embeddings computed for the failed fit are gone
     with pytest.raises(KeyError, match="not an encoder name"):
-        hs.tl.fit(parts, genes=5, embedding="X_mystery", progress=False)
+        fit_(parts, genes=5, embedding="X_mystery", progress=False)
     with pytest.raises(TypeError, match="table_key"):
-        hs.tl.fit(parts, genes=5, embed_kwargs={"table_key": "t"}, progress=False)
+        fit_(parts, genes=5, embed_kwargs={"table_key": "t"}, progress=False)
 
     # a newcomer's workflow: fit on the slides, predict another one; the embedding is computed where missing
-    model = hs.tl.fit(parts, genes=10, embed_kwargs={"patch_px": 32}, progress=False)
+    model = fit_(parts, genes=10, embed_kwargs={"patch_px": 32}, progress=False)
     for p in parts:
         t = p.tables["table"]
         assert t.obsm["X_morphology"].shape[0] == t.n_obs and t.uns["morphology"]["params"]["patch_px"] == 32
@@ -468,5 +482,25 @@ def test_fit_computes_a_missing_embedding_and_cleans_up_on_failure(base):
     assert np.isfinite(slide.tables["table"].layers["predicted"][:, table.var_names.get_indexer(model.genes)]).all()
     # another encoder under another key
     other = with_images(base, light_copy(base).tables["table"])
-    hs.tl.fit(other, genes=5, embedding="X_tiny", embed_kwargs={"encoder": "small_cnn", "patch_px": 32}, progress=False)
+    fit_(other, genes=5, embedding="X_tiny", embed_kwargs={"encoder": "small_cnn", "patch_px": 32}, progress=False)
     assert other.tables["table"].obsm["X_tiny"].shape == (table.n_obs, 128)
+
+
+def test_default_embedding_is_the_context_morphology():
+    from histoseq.tl._fit import DEFAULT_EMBEDDING, EMBEDDING_PRESETS
+
+    sdata = hs.datasets.synthetic(n_sections=2, section_size_um=900, random_state=3, progress=False)
+    model = hs.tl.fit(sdata, genes=5, progress=False)
+    table = sdata.tables["table"]
+    assert model.embedding == DEFAULT_EMBEDDING == "X_morphology_context"
+    params = table.uns["morphology_context"]["params"]
+    assert params["encoder"] == "morphology" and params["patch_size_um"] == [224.0, 448.0, 800.0]
+    assert params["patch_size_um"] == EMBEDDING_PRESETS[DEFAULT_EMBEDDING]["patch_size_um"]
+    single = len(hs.tl._morphology.feature_names())
+    assert table.obsm[DEFAULT_EMBEDDING].shape == (table.n_obs, 3 * single)
+    # a new slide gets the same three scales when predict computes its embedding
+    other = hs.datasets.synthetic(n_sections=1, section_size_um=900, random_state=4, progress=False)
+    hs.tl.predict(other, model)
+    assert other.tables["table"].uns["morphology_context"]["params"]["patch_size_um"] == [224.0, 448.0, 800.0]
+    cols = other.tables["table"].var_names.get_indexer(model.genes)
+    assert np.isfinite(other.tables["table"].layers["predicted"][:, cols]).all()

@@ -151,3 +151,16 @@ def test_cnn_model_refuses_embeddings(model):
         model.predict_embeddings(np.zeros((2, model.n_features)))
     with pytest.raises(ValueError, match="uint8 patches"):
         model.predict_patches(np.zeros((2, 64, 64, 3), dtype=np.uint8))
+
+
+def test_cross_validate_runs_the_cnn_on_patches(base):
+    sdata = sd.SpatialData(images=dict(base.images), shapes=dict(base.shapes), tables={"table": base["table"].copy()})
+    quick = {**CNN, "max_epochs": 1}
+    quick.pop("method")
+    quick.pop("progress")
+    cv = hs.tl.cross_validate(sdata, genes=5, method="cnn", key_added="cv", progress=False, **quick)
+    assert list(cv.summary["test_group"]) == ["section0", "section1", "section2"]
+    assert np.isfinite(cv.summary["pearson_mean"]).all()
+    table = sdata.tables["table"]
+    assert not any(k.startswith("X_") and k != "X_spatial" for k in table.obsm)  # the cnn needs no embedding
+    assert np.isfinite(table.layers["cv"]).any()

@@ -11,9 +11,11 @@ import numpy as np
 
 from .._sdata import get_table, select_rows, store_element
 from ._fit import (
+    DEFAULT_EMBEDDING,
     ExpressionModel,
     _column_pearson,
     _embedding_matrix,
+    _ensure_embeddings,
     _group_labels,
     _prediction_info,
     fit,
@@ -374,7 +376,7 @@ def cross_validate(
     donor_key: str | None = None,
     genes: int | Sequence[str] = 50,
     method: str = "ridge",
-    embedding: str = "X_morphology",
+    embedding: str = DEFAULT_EMBEDDING,
     table_key: str | None = "table",
     target_transform: str | None = "log1p_cp10k",
     key_added: str | None = None,
@@ -408,7 +410,9 @@ def cross_validate(
     method
         ``"ridge"``, ``"ridge_hest"`` or ``"mlp"``.
     embedding
-        Key of the embedding in ``obsm``.
+        Key of the embedding in ``obsm``. When the table lacks it, it is computed first for all spots, as
+        :func:`histoseq.tl.fit` does (frozen encoders learn nothing from the data, so this leaks nothing;
+        ``embed_kwargs=`` passes options). Ignored by ``method="cnn"``, which reads the patches.
     table_key
         The table.
     target_transform
@@ -461,7 +465,12 @@ def cross_validate(
         _check_donor_leakage(labels, donors, groups, donor_key)
     if key_added is not None and key_added in table.layers and key_added == "X":
         raise ValueError("`key_added` cannot be 'X'.")
-    X_emb = _embedding_matrix(table, embedding, f"Table {tkey!r}")
+    if method == "cnn":  # the network reads the patches: no embedding
+        X_emb = None
+    else:  # a frozen embedding learns nothing from the data: computing it for all spots at once leaks nothing
+        _ensure_embeddings([sdata], tkey, embedding, fit_kwargs.pop("embed_kwargs", None), random_state, progress)
+        table = sdata.tables[tkey]
+        X_emb = _embedding_matrix(table, embedding, f"Table {tkey!r}")
 
     logger.info("Cross-validating a %s model over %d values of obs[%r].", method, len(uniq), groups)
     score_parts, summary_rows, models, fold_preds = [], [], [], []
@@ -481,7 +490,12 @@ def cross_validate(
             **fit_kwargs,
         )
         cols = table.var_names.get_indexer(model.genes)
-        pred = model.predict_embeddings(X_emb[test]).astype(np.float64)
+        if X_emb is None:
+            from ._fit import predict
+
+            pred = np.asarray(predict(sdata, model, table_key=tkey, spots=test, inplace=False).X, dtype=np.float64)
+        else:
+            pred = model.predict_embeddings(X_emb[test]).astype(np.float64)
         counts = table.X[test]
         truth = transform_counts(counts, model.target_transform, cols)
         s = gene_scores(pred, truth, _depth(counts))

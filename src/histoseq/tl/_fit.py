@@ -56,6 +56,14 @@ TARGET_TRANSFORMS = ("log1p_cp10k", "log1p", None)
 DEFAULT_ALPHAS = np.logspace(-2, 6, 33)
 #: Largest number of principal components kept before the ridge regression.
 MAX_COMPONENTS = 256
+#: Embeddings that :func:`fit` computes by name when a table lacks them: ``obsm`` key -> :func:`embed` options.
+#: ``"X_morphology_context"``, the default, is the hand-crafted morphology of the spot's patch at three
+#: scales (224, 448 and 800 µm: the spot, its neighbours and its tissue context); it was the best
+#: embedding on the real-data folds of ``benchmarks/accuracy.py`` (see the benchmark page of the docs).
+EMBEDDING_PRESETS: dict[str, dict[str, Any]] = {
+    "X_morphology_context": {"encoder": "morphology", "patch_size_um": [224.0, 448.0, 800.0], "patch_px": 224},
+}
+DEFAULT_EMBEDDING = "X_morphology_context"
 
 _FORMAT = "histoseq.ExpressionModel"
 _FORMAT_VERSION = 1
@@ -1307,9 +1315,9 @@ def _ensure_embeddings(
 ) -> list[tuple[Any, str, str, bool, Any]]:
     """Compute ``obsm[embedding]`` with :func:`histoseq.tl.embed` for the SpatialData objects that lack it.
 
-    The encoder is named by the key (``"X_morphology"`` → ``"morphology"``) unless ``embed_kwargs`` gives
-    ``encoder=``. Returns what was added, for :func:`_undo_embeddings`; on an error, what was added so
-    far is removed before the error propagates.
+    The encoder is named by the key (``"X_morphology"`` → ``"morphology"``) or by
+    :data:`EMBEDDING_PRESETS`, unless ``embed_kwargs`` gives ``encoder=``. Returns what was added, for
+    :func:`_undo_embeddings`; on an error, what was added so far is removed before the error propagates.
     """
     import anndata as ad
 
@@ -1335,6 +1343,7 @@ def _ensure_embeddings(
             "embedding only under a key `X_<name>` (with `key_added=<name>`)."
         )
     kwargs["key_added"] = name
+    kwargs = {**EMBEDDING_PRESETS.get(embedding, {}), **kwargs}
     encoder = kwargs.pop("encoder", name)
     if isinstance(encoder, str) and encoder == name and name not in list_encoders():
         raise KeyError(
@@ -1363,7 +1372,7 @@ def fit(
     *,
     genes: int | Sequence[str] = 50,
     method: Method = "ridge",
-    embedding: str = "X_morphology",
+    embedding: str = DEFAULT_EMBEDDING,
     train: Sequence[str] | np.ndarray | None = None,
     table_key: str | None = "table",
     target_transform: TargetTransform = "log1p_cp10k",
@@ -1389,7 +1398,10 @@ def fit(
     When ``obsm[embedding]`` is absent from a SpatialData's table, it is computed first with
     :func:`histoseq.tl.embed`, with the encoder named by the key (``"X_morphology"`` → ``"morphology"``,
     ``"X_resnet18"`` → ``"resnet18"``) and the options ``embed_kwargs`` (e.g. ``{"patch_px": 128}``, or
-    ``{"encoder": "resnet18", "weights": "ssl.pt"}`` for another key). So ``hs.tl.fit(sdata)`` then
+    ``{"encoder": "resnet18", "weights": "ssl.pt"}`` for another key). The default,
+    ``"X_morphology_context"``, is the morphology encoder at 224, 448 and 800 µm around each spot
+    (:data:`~histoseq.tl._fit.EMBEDDING_PRESETS`); with ``method="ridge"`` it was the most accurate
+    combination on the real-data folds of ``benchmarks/accuracy.py``. So ``hs.tl.fit(sdata)`` then
     ``hs.tl.predict(other, model)`` is a whole workflow. The methods:
 
     - ``"ridge"``: :class:`~sklearn.preprocessing.StandardScaler`-like standardisation, PCA to

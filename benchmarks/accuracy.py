@@ -1,0 +1,342 @@
+"""Accuracy of expression-from-morphology models on real data, every method × encoder, leakage-free.
+
+Run:  python benchmarks/accuracy.py                      (full: her2st and the olfactory bulb, every row)
+      python benchmarks/accuracy.py --datasets mob --rows ridge:morphology,control:shuffled
+      python benchmarks/accuracy.py --quick               (minutes: subsampled spots, one fold, tiny networks)
+
+Data: ``../shared/data/her2st`` (five serial sections of one HER2+ tumour, legacy ST; leave one section
+out) and ``../shared/data/stutility_mob`` (four olfactory bulb sections of two mice; train on one mouse,
+test on the other). ``--data`` or ``$HISTOSEQ_DATA_DIR`` points elsewhere.
+
+Every fold is honest: genes are chosen on the training sections only (the 50 most variable genes among
+those detected in 10% of training spots, ``hs.tl.select_genes``, and separately the 50 most expressed
+training genes, ``flavor="mean"``); scaling, PCA, penalty, early stopping and the self-supervised
+encoders (``hs.tl.pretrain_encoder``, trained on tissue tiles of the training sections' images only)
+see nothing of the held-out section. Frozen encoders (hand-crafted morphology, ImageNet) learn nothing
+from the data, so their embeddings are computed once for all spots.
+
+Each row prints, averaged over folds, for both gene sets: the mean Pearson over genes of the held-out
+section, the depth-partial Pearson (log total counts regressed out of prediction and truth) and the
+number of genes with r > 0; then the fit and predict time per fold. Reference rows: ``control:shuffled``
+(the ridge on morphology, trained on patches shuffled among the spots of each section: what a model
+scores with no image–expression link), ``control:depth`` (a ridge on each spot's log total counts alone,
+which an image-only slide does not have: how much of a score sequencing depth explains) and
+``ridge_hest:*`` (the HEST protocol's fixed penalty).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+DATASETS = ("her2st", "mob")
+GENE_SETS = {"hvg": "seurat", "top": "mean"}
+#: what ``hs.tl.fit`` does without ``method=`` and ``embedding=``
+DEFAULT_ROW = "ridge:morphology_context"
+#: rows run by default (``method:encoder``), in the order of the printed table
+DEFAULT_ROWS = (
+    "ridge:morphology",
+    "ridge:morphology_context",
+    "ridge:imagenet",
+    "ridge:autoencoder",
+    "ridge:simclr",
+    "mlp:morphology_context",
+    "contrastive:morphology_context",
+    "cnn:small_cnn",
+    "ridge_hest:imagenet",
+    "ridge_hest:morphology_context",
+    "control:shuffled",
+    "control:depth",
+)
+
+
+@dataclass
+class Settings:
+    """What a run costs: full benchmark or the CI-sized one."""
+
+    max_spots: int | None = None  # subsample each section to this many spots
+    max_folds: int | None = None
+    patch_px_cnn: int = 64
+    cnn_epochs: int = 30
+    pretrain_tiles: int = 2000
+    pretrain_epochs: int = 10
+    mlp_epochs: int = 200
+    random_state: int = 0
+    embed_kwargs: dict = field(default_factory=dict)
+
+
+FULL = Settings(cnn_epochs=15, pretrain_tiles=600, pretrain_epochs=4, mlp_epochs=100)
+QUICK = Settings(max_spots=150, max_folds=1, cnn_epochs=3, pretrain_tiles=128, pretrain_epochs=2, mlp_epochs=20)
+
+#: frozen encoders: name -> hs.tl.embed keyword arguments
+FROZEN = {
+    "morphology": {"encoder": "morphology", "patch_size_um": 112.0, "patch_px": 224},
+    "morphology_context": None,  # the default embedding of hs.tl.fit (EMBEDDING_PRESETS), filled in below
+    "imagenet": {"encoder": "imagenet", "patch_size_um": 224.0, "patch_px": 224},
+}
+PRETRAINED = {"autoencoder", "simclr"}
+
+
+def _frozen(key: str) -> dict:
+    if key == "morphology_context":
+        from histoseq.tl._fit import EMBEDDING_PRESETS
+
+        return dict(EMBEDDING_PRESETS["X_morphology_context"])
+    return FROZEN[key]
+
+
+# --------------------------------------------------------------------------------------------------
+# data and folds
+# --------------------------------------------------------------------------------------------------
+
+
+def load(name: str, data_dir: Path, settings: Settings):
+    """The dataset as one SpatialData, the obs column that names folds, and the folds' test groups."""
+    import histoseq as hs
+
+    if name == "her2st":
+        sdata = hs.datasets.her2st(data_dir / "her2st", progress=False)
+        fold_key = "sample_id"
+    elif name == "mob":
+        sdata = hs.datasets.mouse_olfactory_bulb(data_dir / "stutility_mob", progress=False)
+        fold_key = "donor_id"
+    else:
+        raise ValueError(f"unknown dataset {name!r}; choose from {DATASETS}")
+    if settings.max_spots:
+        sdata = subsample(sdata, settings.max_spots, settings.random_state)
+    groups = sorted(set(sdata.tables["table"].obs[fold_key].astype(str)))
+    return sdata, fold_key, groups[: settings.max_folds] if settings.max_folds else groups
+
+
+def subsample(sdata, n: int, seed: int):
+    """At most ``n`` spots of each section (the table only; the images stay whole)."""
+    table = sdata.tables["table"]
+    rng = np.random.default_rng(seed)
+    keep = np.zeros(table.n_obs, bool)
+    for s in table.obs["sample_id"].astype(str).unique():
+        rows = np.flatnonzero(table.obs["sample_id"].astype(str).to_numpy() == s)
+        keep[rng.choice(rows, size=min(n, len(rows)), replace=False)] = True
+    sdata.tables["table"] = table[keep].copy()
+    return sdata
+
+
+# --------------------------------------------------------------------------------------------------
+# one row on one fold
+# --------------------------------------------------------------------------------------------------
+
+
+def _embed_frozen(sdata, key: str) -> str:
+    import histoseq as hs
+
+    obsm_key = f"X_bench_{key}"
+    if obsm_key not in sdata.tables["table"].obsm:
+        hs.tl.embed(sdata, key_added=f"bench_{key}", progress=False, **_frozen(key))
+    return obsm_key
+
+
+def _embed_pretrained(sdata, method: str, sections: list[str], settings: Settings, tmp: Path):
+    """Pretrain a small CNN on the training sections' tissue only, then embed every spot with it."""
+    import histoseq as hs
+
+    path = tmp / f"{method}_{'_'.join(sections)}.pt"
+    hs.tl.pretrain_encoder(
+        sdata,
+        path,
+        method=method,
+        encoder="small_cnn",
+        patch_size_um=224.0,
+        patch_px=64,
+        train=sections,
+        n_tiles=settings.pretrain_tiles,
+        max_epochs=settings.pretrain_epochs,
+        random_state=settings.random_state,
+        progress=False,
+    )
+    key = f"pre_{method}"
+    hs.tl.embed(
+        sdata, encoder="small_cnn", weights=path, patch_size_um=224.0, patch_px=64, key_added=key, progress=False
+    )
+    return f"X_{key}"
+
+
+def _shuffled(sdata, base: str, seed: int) -> str:
+    """The embedding ``base`` with rows permuted within each section: image and expression unpaired."""
+    table = sdata.tables["table"]
+    key = "X_bench_shuffled"
+    X = np.asarray(table.obsm[base]).copy()
+    rng = np.random.default_rng(seed)
+    sections = table.obs["sample_id"].astype(str).to_numpy()
+    for s in np.unique(sections):
+        rows = np.flatnonzero(sections == s)
+        X[rows] = X[rng.permutation(rows)]
+    table.obsm[key] = X
+    return key
+
+
+def _depth_key(sdata) -> str:
+    table = sdata.tables["table"]
+    table.obsm["X_bench_depth"] = np.log1p(np.asarray(table.X.sum(axis=1), dtype=float))
+    return "X_bench_depth"
+
+
+def score(pred, sdata, test: np.ndarray, genes: list[str], target_transform) -> dict[str, float]:
+    """Pearson, depth-partial Pearson and number of positive genes of predictions on the ``test`` spots."""
+    from histoseq.tl._evaluate import gene_scores
+    from histoseq.tl._fit import transform_counts
+
+    table = sdata.tables["table"]
+    cols = table.var_names.get_indexer(genes)
+    truth = transform_counts(table.X[test], target_transform, cols)
+    depth = np.log1p(np.asarray(table.X[test].sum(axis=1), dtype=float).ravel())
+    s = gene_scores(pred, truth, depth)
+    r = s["pearson"]
+    return {
+        "r": float(np.nanmean(r)),
+        "r_partial": float(np.nanmean(s["pearson_partial_depth"])),
+        "n_pos": int(np.sum(r > 0)),
+    }
+
+
+def run_row(row: str, sdata, fold_key: str, test_group: str, settings: Settings, tmp: Path) -> dict[str, float]:
+    """Fit row ``method:encoder`` on all groups but ``test_group``, score it on ``test_group``.
+
+    Both gene sets are chosen on the training spots; one model is fitted on their union (each gene is
+    one output: a ridge treats genes independently given its penalty, the networks share their layers)
+    and each set is scored on its own genes.
+    """
+    import histoseq as hs
+
+    method, encoder = row.split(":")
+    table = sdata.tables["table"]
+    test = table.obs[fold_key].astype(str).to_numpy() == test_group
+    train = ~test
+    train_sections = sorted(set(table.obs.loc[train, "sample_id"].astype(str)))
+    gene_sets = {k: hs.tl.select_genes(table, 50, train=train, flavor=f) for k, f in GENE_SETS.items()}
+    union = list(dict.fromkeys(g for genes in gene_sets.values() for g in genes))
+    kwargs: dict = {"random_state": settings.random_state, "progress": False}
+    fit_method = method
+    if method == "control":
+        fit_method = "ridge"
+        base = _embed_frozen(sdata, "morphology")
+        embedding = _shuffled(sdata, base, settings.random_state) if encoder == "shuffled" else _depth_key(sdata)
+    elif method == "cnn":
+        embedding = None
+        kwargs.update(encoder=encoder, patch_size_um=224.0, patch_px=settings.patch_px_cnn)
+        kwargs["max_epochs"] = settings.cnn_epochs
+    elif encoder in PRETRAINED:
+        embedding = _embed_pretrained(sdata, encoder, train_sections, settings, tmp)
+    else:
+        embedding = _embed_frozen(sdata, encoder)
+    if method in ("mlp", "contrastive"):
+        kwargs["max_epochs"] = settings.mlp_epochs
+    if embedding is not None:
+        kwargs["embedding"] = embedding
+    t = time.perf_counter()
+    model = hs.tl.fit(sdata, genes=union, method=fit_method, train=train, groups="sample_id", **kwargs)
+    out: dict[str, float] = {"fit_s": time.perf_counter() - t}
+    t = time.perf_counter()
+    pred = hs.tl.predict(sdata, model, spots=test, inplace=False)
+    out["predict_s"] = time.perf_counter() - t
+    for name, genes in gene_sets.items():
+        cols = pred.var_names.get_indexer(genes)
+        s = score(np.asarray(pred.X, float)[:, cols], sdata, test, genes, model.target_transform)
+        out.update({f"{name}_{k}": v for k, v in s.items()})
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# table
+# --------------------------------------------------------------------------------------------------
+
+
+def run(datasets, rows, data_dir: Path, settings: Settings, log: Callable[[str], None] = print):
+    """Every row on every fold of every dataset; returns a tidy DataFrame (one line per dataset, row, fold)."""
+    import tempfile
+
+    import pandas as pd
+
+    records = []
+    with tempfile.TemporaryDirectory() as tmpdir:
+        for name in datasets:
+            sdata, fold_key, test_groups = load(name, data_dir, settings)
+            for row in rows:
+                for test_group in test_groups:
+                    t = time.perf_counter()
+                    res = run_row(row, sdata, fold_key, test_group, settings, Path(tmpdir))
+                    records.append({"dataset": name, "row": row, "test": test_group, **res})
+                    log(
+                        f"  {name:6s} {row:26s} test {test_group:7s} hvg r={res['hvg_r']:.3f} "
+                        f"top r={res['top_r']:.3f} ({time.perf_counter() - t:.0f} s)"
+                    )
+    return pd.DataFrame.from_records(records)
+
+
+def summarise(df):
+    """Means over folds, one line per dataset and row, in the order rows were run."""
+    cols = [c for c in df.columns if c not in ("dataset", "row", "test")]
+    out = df.groupby(["dataset", "row"], sort=False)[cols].mean().reset_index()
+    per_fold = df.groupby(["dataset", "row"], sort=False)["hvg_r"].apply(lambda v: " / ".join(f"{x:.2f}" for x in v))
+    out["hvg_r_per_fold"] = per_fold.to_numpy()
+    return out
+
+
+def markdown(summary) -> str:
+    """The summary as a Markdown table (what docs/benchmarks.md shows)."""
+    head = (
+        "| dataset | method : encoder | HVG r | HVG r (depth-partial) | HVG genes r>0 | top r | top r (depth-partial) "
+        "| top genes r>0 | HVG r per fold | fit s/fold | predict s/fold |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|\n"
+    )
+    label = {r: r + (" (default)" if r == DEFAULT_ROW else "") for r in summary["row"]}
+    lines = [
+        f"| {r.dataset} | {label[r.row]} | {r.hvg_r:.3f} | {r.hvg_r_partial:.3f} | {r.hvg_n_pos:.0f}/50 | "
+        f"{r.top_r:.3f} | {r.top_r_partial:.3f} | {r.top_n_pos:.0f}/50 | {r.hvg_r_per_fold} | "
+        f"{r.fit_s:.1f} | {r.predict_s:.1f} |"
+        for r in summary.itertuples()
+    ]
+    return head + "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=None, help="folder holding her2st/ and stutility_mob/")
+    parser.add_argument("--datasets", default=",".join(DATASETS))
+    parser.add_argument("--rows", default=",".join(DEFAULT_ROWS), help="comma-separated method:encoder rows")
+    parser.add_argument("--quick", action="store_true", help="subsampled spots, one fold, tiny networks")
+    parser.add_argument("--csv", type=Path, default=None, help="also write the per-fold results here")
+    args = parser.parse_args(argv)
+    data_dir = args.data or Path(
+        os.environ.get("HISTOSEQ_DATA_DIR", Path(__file__).parents[1] / ".." / "shared" / "data")
+    )
+    if not data_dir.is_dir():
+        print(f"No data folder at {data_dir}: pass --data or set HISTOSEQ_DATA_DIR.", file=sys.stderr)
+        return 2
+    warnings.filterwarnings("ignore")
+    logging.getLogger("histoseq").setLevel(logging.ERROR)
+    logging.getLogger("lightning").setLevel(logging.ERROR)
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    settings = QUICK if args.quick else FULL
+    datasets = [d for d in args.datasets.split(",") if d]
+    rows = [r for r in args.rows.split(",") if r]
+    print(f"accuracy benchmark: {datasets} × {len(rows)} rows ({'quick' if args.quick else 'full'})", flush=True)
+    t = time.perf_counter()
+    df = run(datasets, rows, data_dir, settings, log=lambda m: print(m, flush=True))
+    if args.csv:
+        df.to_csv(args.csv, index=False)
+    print()
+    print(markdown(summarise(df)))
+    print(f"\ntotal {time.perf_counter() - t:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,61 @@
+"""The real-data accuracy benchmark (benchmarks/accuracy.py) in CI size: a few spots, one fold, tiny networks."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "accuracy.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("histoseq_accuracy_benchmark", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop(spec.name, None)
+
+
+def test_mob_one_fold_every_kind_of_row(bench, mob_dir):
+    settings = replace(bench.QUICK, max_spots=90, cnn_epochs=2, pretrain_tiles=64, pretrain_epochs=1, mlp_epochs=10)
+    rows = [bench.DEFAULT_ROW, "ridge_hest:morphology", "contrastive:morphology", "ridge:autoencoder", "cnn:small_cnn"]
+    rows += ["control:shuffled", "control:depth"]
+    df = bench.run(["mob"], rows, mob_dir.parent, settings, log=lambda m: None)
+    assert list(df["row"]) == rows
+    assert set(df["test"]) == {"mouse1"}  # one fold: train on mouse 2, test on mouse 1
+    metrics = [f"{g}_{m}" for g in ("hvg", "top") for m in ("r", "r_partial", "n_pos")]
+    assert np.isfinite(df[metrics].to_numpy(float)).all()
+    by_row = df.set_index("row")
+    default = by_row.loc[bench.DEFAULT_ROW]
+    shuffled, depth = by_row.loc["control:shuffled"], by_row.loc["control:depth"]
+    # the layers of the olfactory bulb are visible: morphology predicts the other mouse's expression, and
+    # unpairing patches from spots destroys it
+    assert default["hvg_r"] > 0.25
+    assert default["hvg_r"] > shuffled["hvg_r"] + 0.2
+    assert abs(shuffled["hvg_r"]) < 0.15
+    # a prediction from depth alone has nothing left once depth is regressed out
+    assert depth["hvg_r"] > 0.1
+    assert abs(depth["hvg_r_partial"]) < 0.05 and abs(depth["top_r_partial"]) < 0.05
+    assert default["hvg_r_partial"] > 0.1
+    table = bench.markdown(bench.summarise(df))
+    assert f"| mob | {bench.DEFAULT_ROW} (default) |" in table
+    assert table.count("\n| mob |") == len(rows)
+
+
+def test_folds_never_share_a_section_or_a_mouse(bench, mob_dir):
+    sdata, fold_key, groups = bench.load("mob", mob_dir.parent, bench.Settings(max_spots=20))
+    obs = sdata.tables["table"].obs
+    assert fold_key == "donor_id" and groups == ["mouse1", "mouse2"]
+    for g in groups:
+        test = obs[fold_key] == g
+        assert not set(obs.loc[test, "sample_id"]) & set(obs.loc[~test, "sample_id"])
+        assert obs[test].groupby("sample_id", observed=True).size().max() <= 20
