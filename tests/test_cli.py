@@ -3,6 +3,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import histoseq as hs
 from histoseq._cli import main
 
 
@@ -17,7 +18,8 @@ def test_demo_help_documents_the_demo():
 def test_demo_runs_end_to_end(tmp_path, capsys):
     import spatialdata as sd
 
-    rc = main(["demo", "--sections", "2", "--out", str(tmp_path / "demo"), "--patch-px", "32", "--quiet"])
+    args = ["demo", "--sections", "3", "--out", str(tmp_path / "demo"), "--patch-px", "32", "--quiet"]
+    rc = main([*args, "--pretrain-epochs", "2", "--pretrain-tiles", "128"])
     assert rc == 0
     out = capsys.readouterr().out
     assert "patches" in out
@@ -31,4 +33,16 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     mean_r = {k: float(v.split("mean r = ")[1].split()[0]) for k, v in rows.items()}
     assert mean_r["nuclei_count"] > 0.5  # learnable genes are predicted on the held-out section
     assert abs(mean_r["noise"]) < 0.15  # noise genes are not
-    assert (tmp_path / "demo" / "ridge_morphology.pt").exists()
+    model = hs.tl.load_model(tmp_path / "demo" / "model.pt")
+    assert model.embedding == "X_morphology_context" and model.method == "ridge"
+    assert (tmp_path / "demo" / "autoencoder_small_cnn.pt").exists()
+    assert "X_ssl" in back.tables["table"].obsm
+    loss = [float(v) for v in out.split("reconstruction loss by epoch: ")[1].split("\n")[0].split(", ")]
+    assert len(loss) == 2 and loss[-1] < loss[0]
+    compare = {
+        line.split()[3]: (float(line.split()[4]), float(line.split()[6]))
+        for line in out.splitlines()
+        if line.split()[3:4] and line.split()[3].startswith("X_") and " / " in line
+    }
+    assert set(compare) == {"X_morphology_context", "X_morphology", "X_ssl"}
+    assert all(learnable > others + 0.2 for learnable, others in compare.values())

@@ -13,9 +13,11 @@ Run histoseq end to end on its embedded synthetic tissue (no download, no real d
 Steps: build synthetic H&E sections with spots and counts whose link to morphology is known; cut
 spot-centred patches of a fixed physical size from the image pyramids (chunk by chunk); tile the tissue of
 one section with a dense grid and cut patches there too; embed every spot with hand-crafted morphology
-features; fit a ridge model of expression on all but the last section and predict the held-out one; print
-per-gene scores next to the ground truth (learnable genes are predicted, noise genes are not); write the model,
-a figure of patches and the SpatialData (zarr) to the output folder.
+features; pretrain a small CNN without labels on tissue tiles of the training sections (an autoencoder) and
+embed the spots with it; fit the default expression model (ridge on morphology at three scales) on all but
+the last section and predict the held-out one; print per-gene scores next to the ground truth (learnable
+genes are predicted, noise genes are not) and compare the embeddings; write the model, the pretrained
+encoder, a figure of patches and the SpatialData (zarr) to the output folder.
 """
 
 
@@ -37,6 +39,15 @@ def _build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--patch-px", type=int, default=224, help="side of a patch in pixels (default: %(default)s)")
     demo.add_argument(
         "--grid-spacing-um", type=float, default=100.0, help="spacing of the dense grid in µm (default: %(default)s)"
+    )
+    demo.add_argument(
+        "--pretrain-epochs",
+        type=int,
+        default=3,
+        help="epochs of the self-supervised pretraining; 0 skips it (default: %(default)s)",
+    )
+    demo.add_argument(
+        "--pretrain-tiles", type=int, default=512, help="tissue tiles for the pretraining (default: %(default)s)"
     )
     demo.add_argument("--no-write", action="store_true", help="do not write the zarr store and the figure")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -91,14 +102,56 @@ def demo(args: argparse.Namespace) -> int:
     r = np.corrcoef(dark, table.obs["true_nuclei_count"].to_numpy()[patches.rows])[0, 1]
     say(f"  sanity: dark-pixel fraction of a patch vs true nuclei count of its spot, Pearson r = {r:.2f}")
 
+    samples = list(table.obs["sample_id"].cat.categories)
+    train, test = samples[:-1], samples[-1]
     say("Embedding every spot with hand-crafted morphology features (hs.tl.embed)...")
     hs.tl.embed(sdata, encoder="morphology", patch_size_um=args.patch_size_um, patch_px=112, progress=progress)
     say(f"  table.obsm['X_morphology']: {table.obsm['X_morphology'].shape}")
+    ssl_path = None
+    if args.pretrain_epochs > 0:
+        import tempfile
 
-    samples = list(table.obs["sample_id"].cat.categories)
-    train, test = samples[:-1], samples[-1]
-    say(f"Fitting ridge (PCA, penalty by leave-one-section-out CV) on {', '.join(train)}; holding out {test}...")
-    model = hs.tl.fit(sdata, genes=list(table.var_names), train=train, method="ridge", progress=progress)
+        ssl_dir = args.out if not args.no_write else Path(tempfile.mkdtemp(prefix="histoseq_demo_"))
+        ssl_dir.mkdir(parents=True, exist_ok=True)
+        say(
+            f"Pretraining a small CNN without labels (autoencoder) on {args.pretrain_tiles} tissue tiles of "
+            f"{', '.join(train)} (hs.tl.pretrain_encoder)..."
+        )
+        res = hs.tl.pretrain_encoder(
+            sdata,
+            ssl_dir / "autoencoder_small_cnn.pt",
+            method="autoencoder",
+            encoder="small_cnn",
+            patch_size_um=224.0,
+            patch_px=32,
+            train=train,
+            n_tiles=args.pretrain_tiles,
+            max_epochs=args.pretrain_epochs,
+            progress=progress,
+        )
+        ssl_path = res.path
+        say(f"  reconstruction loss by epoch: {', '.join(f'{v:.4f}' for v in res.history)}")
+        hs.tl.embed(
+            sdata,
+            encoder="small_cnn",
+            weights=ssl_path,
+            patch_size_um=224.0,
+            patch_px=32,
+            key_added="ssl",
+            progress=progress,
+        )
+        say(f"  table.obsm['X_ssl']: {table.obsm['X_ssl'].shape}")
+
+    say(f"Fitting the default model (hs.tl.fit) on {', '.join(train)}; holding out {test}...")
+    say(
+        "  ridge on morphology at 224, 448 and 800 µm around each spot (computed by fit); "
+        "penalty by leave-one-section-out CV"
+    )
+    model = hs.tl.fit(sdata, genes=list(table.var_names), train=train, progress=progress)
+    say(
+        f"  {len(model.genes)} genes, penalty {model.alpha:.3g}, "
+        f"embedding {model.embedding!r} ({model.n_features} dims)"
+    )
     hs.tl.predict(sdata, model, key_added="predicted")
     is_test = (table.obs["sample_id"] == test).to_numpy()
     scores = hs.tl.evaluate(sdata, layer="predicted", spots=is_test)
@@ -111,6 +164,17 @@ def demo(args: argparse.Namespace) -> int:
         learn = "learnable" if table.var.loc[list(genes), "learnable"].all() else "not learnable"
         line = f"{kind:<16} {learn:<14} n={len(genes):>2}  mean r = {r.mean():+.2f}"
         say(f"    {line}  (depth-partial {partial.mean():+.2f})")
+    learnable = table.var["learnable"].to_numpy(bool)
+    compare = {"X_morphology_context": scores["pearson"]}
+    for key in ("X_morphology", "X_ssl") if ssl_path is not None else ("X_morphology",):
+        other = hs.tl.fit(sdata, genes=list(table.var_names), train=train, embedding=key, progress=False)
+        hs.tl.predict(sdata, other, key_added=f"predicted_{key}")
+        sc = hs.tl.evaluate(sdata, layer=f"predicted_{key}", spots=is_test)
+        compare[key] = sc[sc["section"] == test].set_index("gene")["pearson"]
+    say(f"  held-out {test}, ridge on each embedding: mean r of the learnable genes / of the others")
+    for key, r in compare.items():
+        r = r.reindex(table.var_names)
+        say(f"    {key:<22} {np.nanmean(r[learnable]):+.2f} / {np.nanmean(r[~learnable]):+.2f}")
 
     if not args.no_write:
         import matplotlib
@@ -119,7 +183,7 @@ def demo(args: argparse.Namespace) -> int:
         args.out.mkdir(parents=True, exist_ok=True)
         fig = hs.pl.patches(patches, n=16, ncols=8)
         fig.savefig(args.out / "patches.png", dpi=100)
-        model_path = model.save(args.out / "ridge_morphology.pt")
+        model_path = model.save(args.out / "model.pt")
         store = args.out / "synthetic.zarr"
         if store.exists():
             import shutil
