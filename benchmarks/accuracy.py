@@ -306,6 +306,31 @@ def markdown(summary) -> str:
     return head + "\n".join(lines)
 
 
+def margins(summary) -> str:
+    """How far the default row is from the best other model (controls and reference rows aside)."""
+    lines = []
+    for name, part in summary.groupby("dataset", sort=False):
+        rows = part.set_index("row")
+        if DEFAULT_ROW not in rows.index:
+            continue
+        others = rows.drop(
+            index=[r for r in rows.index if r == DEFAULT_ROW or r.startswith(("control:", "ridge_hest:"))]
+        )
+        d = rows.loc[DEFAULT_ROW]
+        for gene_set in GENE_SETS:
+            col = f"{gene_set}_r"
+            if others.empty:
+                continue
+            best = others[col].idxmax()
+            depth = rows.loc["control:depth", col] if "control:depth" in rows.index else float("nan")
+            lines.append(
+                f"{name} {gene_set}: default {d[col]:.3f} (depth-partial {d[f'{gene_set}_r_partial']:.3f}); "
+                f"best other {best} {others.loc[best, col]:.3f} (default {d[col] - others.loc[best, col]:+.3f}); "
+                f"log total counts alone {depth:.3f}"
+            )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=None, help="folder holding her2st/ and stutility_mob/")
@@ -313,7 +338,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", default=",".join(DEFAULT_ROWS), help="comma-separated method:encoder rows")
     parser.add_argument("--quick", action="store_true", help="subsampled spots, one fold, tiny networks")
     parser.add_argument("--csv", type=Path, default=None, help="also write the per-fold results here")
+    parser.add_argument("--from-csv", type=Path, default=None, help="print the table of an earlier run's --csv")
     args = parser.parse_args(argv)
+    if args.from_csv is not None:
+        import pandas as pd
+
+        summary = summarise(pd.read_csv(args.from_csv))
+        print(markdown(summary) + "\n\n" + margins(summary))
+        return 0
     data_dir = args.data or Path(
         os.environ.get("HISTOSEQ_DATA_DIR", Path(__file__).parents[1] / ".." / "shared" / "data")
     )
@@ -333,7 +365,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.csv:
         df.to_csv(args.csv, index=False)
     print()
-    print(markdown(summarise(df)))
+    summary = summarise(df)
+    print(markdown(summary) + "\n\n" + margins(summary))
     print(f"\ntotal {time.perf_counter() - t:.0f} s")
     return 0
 

@@ -49,6 +49,9 @@ def test_mob_one_fold_every_kind_of_row(bench, mob_dir):
     table = bench.markdown(bench.summarise(df))
     assert f"| mob | {bench.DEFAULT_ROW} (default) |" in table
     assert table.count("\n| mob |") == len(rows)
+    margins = bench.margins(bench.summarise(df)).splitlines()
+    assert [m.split(":")[0] for m in margins] == ["mob hvg", "mob top"]
+    assert f"default {default['hvg_r']:.3f}" in margins[0]
 
 
 def test_folds_never_share_a_section_or_a_mouse(bench, mob_dir):
