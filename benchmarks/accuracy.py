@@ -258,26 +258,40 @@ def run_row(row: str, sdata, fold_key: str, test_group: str, settings: Settings,
 # --------------------------------------------------------------------------------------------------
 
 
-def run(datasets, rows, data_dir: Path, settings: Settings, log: Callable[[str], None] = print):
-    """Every row on every fold of every dataset; returns a tidy DataFrame (one line per dataset, row, fold)."""
+def run(
+    datasets, rows, data_dir: Path, settings: Settings, log: Callable[[str], None] = print, csv: Path | None = None
+):
+    """Every row on every fold of every dataset; returns a tidy DataFrame (one line per dataset, row, fold).
+
+    With ``csv``, each result is written there as soon as it is known, and the results already in the file
+    are kept and not recomputed: an interrupted run resumes where it stopped.
+    """
     import tempfile
 
     import pandas as pd
 
-    records = []
+    records = pd.read_csv(csv).to_dict("records") if csv is not None and Path(csv).is_file() else []
+    done = {(r["dataset"], r["row"], str(r["test"])) for r in records}
     with tempfile.TemporaryDirectory() as tmpdir:
         for name in datasets:
             sdata, fold_key, test_groups = load(name, data_dir, settings)
             for row in rows:
                 for test_group in test_groups:
+                    if (name, row, test_group) in done:
+                        continue
                     t = time.perf_counter()
                     res = run_row(row, sdata, fold_key, test_group, settings, Path(tmpdir))
                     records.append({"dataset": name, "row": row, "test": test_group, **res})
+                    if csv is not None:
+                        pd.DataFrame.from_records(records).to_csv(csv, index=False)
                     log(
                         f"  {name:6s} {row:26s} test {test_group:7s} hvg r={res['hvg_r']:.3f} "
                         f"top r={res['top_r']:.3f} ({time.perf_counter() - t:.0f} s)"
                     )
-    return pd.DataFrame.from_records(records)
+    df = pd.DataFrame.from_records(records)
+    df = df[df["dataset"].isin(datasets) & df["row"].isin(rows)]
+    order = {key: i for i, key in enumerate((d, r) for d in datasets for r in rows)}
+    return df.iloc[np.argsort([order[k] for k in zip(df["dataset"], df["row"])], kind="stable")].reset_index(drop=True)
 
 
 def summarise(df):
@@ -337,13 +351,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--datasets", default=",".join(DATASETS))
     parser.add_argument("--rows", default=",".join(DEFAULT_ROWS), help="comma-separated method:encoder rows")
     parser.add_argument("--quick", action="store_true", help="subsampled spots, one fold, tiny networks")
-    parser.add_argument("--csv", type=Path, default=None, help="also write the per-fold results here")
+    parser.add_argument(
+        "--csv", type=Path, default=None, help="write the per-fold results here as they come; resume from it"
+    )
     parser.add_argument("--from-csv", type=Path, default=None, help="print the table of an earlier run's --csv")
     args = parser.parse_args(argv)
     if args.from_csv is not None:
         import pandas as pd
 
-        summary = summarise(pd.read_csv(args.from_csv))
+        df = pd.read_csv(args.from_csv)
+        order = {key: i for i, key in enumerate((d, r) for d in DATASETS for r in DEFAULT_ROWS)}
+        df = df.iloc[np.argsort([order.get(k, len(order)) for k in zip(df["dataset"], df["row"])], kind="stable")]
+        summary = summarise(df)
         print(markdown(summary) + "\n\n" + margins(summary))
         return 0
     data_dir = args.data or Path(
@@ -361,9 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = [r for r in args.rows.split(",") if r]
     print(f"accuracy benchmark: {datasets} × {len(rows)} rows ({'quick' if args.quick else 'full'})", flush=True)
     t = time.perf_counter()
-    df = run(datasets, rows, data_dir, settings, log=lambda m: print(m, flush=True))
-    if args.csv:
-        df.to_csv(args.csv, index=False)
+    df = run(datasets, rows, data_dir, settings, log=lambda m: print(m, flush=True), csv=args.csv)
     print()
     summary = summarise(df)
     print(markdown(summary) + "\n\n" + margins(summary))

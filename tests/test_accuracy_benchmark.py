@@ -25,11 +25,12 @@ def bench():
         sys.modules.pop(spec.name, None)
 
 
-def test_mob_one_fold_every_kind_of_row(bench, mob_dir):
+def test_mob_one_fold_every_kind_of_row(bench, mob_dir, tmp_path, monkeypatch):
     settings = replace(bench.QUICK, max_spots=90, cnn_epochs=2, pretrain_tiles=64, pretrain_epochs=1, mlp_epochs=10)
     rows = [bench.DEFAULT_ROW, "ridge_hest:morphology", "contrastive:morphology", "ridge:autoencoder", "cnn:small_cnn"]
     rows += ["control:shuffled", "control:depth"]
-    df = bench.run(["mob"], rows, mob_dir.parent, settings, log=lambda m: None)
+    csv = tmp_path / "results.csv"
+    df = bench.run(["mob"], rows, mob_dir.parent, settings, log=lambda m: None, csv=csv)
     assert list(df["row"]) == rows
     assert set(df["test"]) == {"mouse1"}  # one fold: train on mouse 2, test on mouse 1
     metrics = [f"{g}_{m}" for g in ("hvg", "top") for m in ("r", "r_partial", "n_pos")]
@@ -49,6 +50,11 @@ def test_mob_one_fold_every_kind_of_row(bench, mob_dir):
     table = bench.markdown(bench.summarise(df))
     assert f"| mob | {bench.DEFAULT_ROW} (default) |" in table
     assert table.count("\n| mob |") == len(rows)
+    # a rerun with the same file resumes: nothing is recomputed, the same results come back in row order
+    monkeypatch.setattr(bench, "run_row", lambda *a, **k: pytest.fail("recomputed a stored result"))
+    again = bench.run(["mob"], rows[::-1], mob_dir.parent, settings, log=lambda m: None, csv=csv)
+    assert list(again["row"]) == rows[::-1]
+    assert np.allclose(again.set_index("row").loc[rows, metrics].to_numpy(float), df[metrics].to_numpy(float))
     margins = bench.margins(bench.summarise(df)).splitlines()
     assert [m.split(":")[0] for m in margins] == ["mob hvg", "mob top"]
     assert f"default {default['hvg_r']:.3f}" in margins[0]

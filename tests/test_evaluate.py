@@ -8,22 +8,10 @@ import pandas as pd
 import pytest
 import spatialdata as sd
 from scipy import sparse
-from test_fit import TEST, TRAIN, light_copy, snapshot, standin_embedding
+from test_fit import TEST, TRAIN, _standin, light_copy, snapshot, standin_embedding
 
 import histoseq as hs
 from histoseq.tl._evaluate import METRICS
-
-
-def _standin(func):
-    """``func`` reading the stand-in embedding ``X_morphology`` unless told otherwise (the default embedding
-    of hs.tl.fit is the three-scale morphology, which test_default_embedding_is_the_context_morphology covers)."""
-
-    def wrapped(*args, **kwargs):
-        kwargs.setdefault("embedding", "X_morphology")
-        return func(*args, **kwargs)
-
-    return wrapped
-
 
 fit_ = _standin(hs.tl.fit)
 cross_validate_ = _standin(hs.tl.cross_validate)

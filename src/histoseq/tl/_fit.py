@@ -677,6 +677,25 @@ def _train_plan(
     return plan
 
 
+def _training_record(
+    plan: Any, network: Any, val_desc: str, n_validation: int, seed: int | None
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Best weights and provenance of a network trained by :func:`_train_plan`.
+
+    The weights are those of the best validation epoch, or the last ones when none was recorded.
+    """
+    state = plan.best_state or {k: v.detach().cpu() for k, v in network.state_dict().items()}
+    info = {
+        "validation": val_desc,
+        "n_validation_spots": int(n_validation),
+        "best_epoch": int(plan.best_epoch),
+        "best_val_loss": float(plan.best_val_loss),
+        "epochs_run": len(plan.history),
+        "seed": seed,
+    }
+    return state, info
+
+
 def _fit_mlp(
     X: np.ndarray,
     Y: np.ndarray,
@@ -750,18 +769,9 @@ def _fit_mlp(
         patience=patience,
         trainer_kwargs=trainer_kwargs,
     )
-    net = plan.network
-    state = plan.best_state or {k: v.detach().cpu() for k, v in net.state_dict().items()}
+    state, info = _training_record(plan, plan.network, val_desc, int(val.sum()), seed)
     arrays = {"scaler_mean": mean, "scaler_scale": scale, "target_mean": y_mean, "target_scale": y_scale}
     arrays.update({f"net.{k}": v.numpy().copy() for k, v in state.items()})
-    info = {
-        "validation": val_desc,
-        "n_validation_spots": int(val.sum()),
-        "best_epoch": int(plan.best_epoch),
-        "best_val_loss": float(plan.best_val_loss),
-        "epochs_run": len(plan.history),
-        "seed": seed,
-    }
     return arrays, config, info
 
 

@@ -229,7 +229,7 @@ def fit_cnn(
     from torch.utils.data import TensorDataset
 
     from ..models._heads import ImageRegressionPlan
-    from ._fit import _standardise, _train_plan, _validation_rows
+    from ._fit import _standardise, _train_plan, _training_record, _validation_rows
 
     if not (isinstance(stain_jitter, int | float) and 0 <= stain_jitter < 1):
         raise ValueError(f"`stain_jitter` must lie in [0, 1), got {stain_jitter!r}.")
@@ -292,7 +292,7 @@ def fit_cnn(
         patience=patience,
         trainer_kwargs=trainer_kwargs,
     )
-    state = plan.best_state or {k: v.detach().cpu() for k, v in network.state_dict().items()}
+    state, info = _training_record(plan, network, val_desc, int(val.sum()), seed)
     arrays = {"target_mean": y_mean, "target_scale": y_scale}
     arrays.update({f"net.{k}": v.numpy().copy() for k, v in state.items()})
     config = {
@@ -317,14 +317,6 @@ def fit_cnn(
     if weights_record:
         config["weights"] = weights_record["path"]
         config["weights_sha256"] = weights_record["sha256"]
-    info = {
-        "validation": val_desc,
-        "n_validation_spots": int(val.sum()),
-        "best_epoch": int(plan.best_epoch),
-        "best_val_loss": float(plan.best_val_loss),
-        "epochs_run": len(plan.history),
-        "seed": seed,
-    }
     return arrays, config, info
 
 

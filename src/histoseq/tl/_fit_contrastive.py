@@ -66,7 +66,7 @@ def fit_contrastive(
     from torch.utils.data import TensorDataset
 
     from ..models._heads import ContrastiveHeads, ContrastivePlan
-    from ._fit import _standardise, _train_plan, _validation_rows
+    from ._fit import _standardise, _train_plan, _training_record, _validation_rows
 
     if weighting not in WEIGHTINGS:
         raise ValueError(f"`weighting` must be one of {list(WEIGHTINGS)}, got {weighting!r}.")
@@ -112,7 +112,7 @@ def fit_contrastive(
         trainer_kwargs=trainer_kwargs,
     )
     net = plan.network
-    state = plan.best_state or {key: v.detach().cpu() for key, v in net.state_dict().items()}
+    state, info = _training_record(plan, net, val_desc, int(val.sum()), seed)
     net.load_state_dict(state)
     net.cpu().eval()
     with torch.no_grad():
@@ -141,15 +141,7 @@ def fit_contrastive(
         "k": k_used,
         "weighting": weighting,
     }
-    info = {
-        "validation": val_desc,
-        "n_validation_spots": int(val.sum()),
-        "best_epoch": int(plan.best_epoch),
-        "best_val_loss": float(plan.best_val_loss),
-        "epochs_run": len(plan.history),
-        "seed": seed,
-        "n_references": n,
-    }
+    info["n_references"] = n
     return arrays, config, info
 
 
