@@ -28,7 +28,6 @@ import json
 import logging
 import math
 import pickle
-import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -632,48 +631,34 @@ def _train_plan(
     and the batches are shuffled), and Lightning's messages are silenced unless ``progress``. The plan
     keeps the best validation weights (``plan.best_state``); it is returned after training.
     """
-    import lightning.pytorch as pl
     import torch
     from lightning.pytorch.callbacks import EarlyStopping
     from torch.utils.data import DataLoader
 
-    quiet = [] if progress else ["lightning.pytorch", "lightning.fabric", "pytorch_lightning"]
-    levels = {name: logging.getLogger(name).level for name in quiet}
-    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-        warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
-        warnings.filterwarnings("ignore", message=".*GPU available but not used.*")
-        warnings.filterwarnings("ignore", message=".*LeafSpec.*")  # lightning's own use of torch's pytree
-        for name in quiet:
-            logging.getLogger(name).setLevel(logging.WARNING)
-        try:
-            torch.manual_seed(seed)
-            plan = build()
-            train_dl = DataLoader(
-                train_ds,
-                batch_size=min(int(batch_size), len(train_ds)),
-                shuffle=True,
-                drop_last=drop_last,
-                generator=torch.Generator().manual_seed(seed),
-            )
-            val_dl = DataLoader(val_ds, batch_size=max(1, min(int(val_batch_size), len(val_ds))))
-            trainer = pl.Trainer(
-                max_epochs=int(max_epochs),
-                accelerator=accelerator,
-                devices=devices,
-                strategy=strategy,
-                enable_checkpointing=False,
-                logger=False,
-                enable_progress_bar=progress,
-                enable_model_summary=False,
-                num_sanity_val_steps=0,
-                callbacks=[EarlyStopping(monitor="val_loss", patience=int(patience), mode="min")],
-                **dict(trainer_kwargs or {}),
-            )
-            trainer.fit(plan, train_dataloaders=train_dl, val_dataloaders=val_dl)
-        finally:
-            for name, level in levels.items():
-                logging.getLogger(name).setLevel(level)
+    from ..models._training import make_trainer, quiet_training
+
+    with torch.random.fork_rng(devices=[]), quiet_training(progress):
+        torch.manual_seed(seed)
+        plan = build()
+        train_dl = DataLoader(
+            train_ds,
+            batch_size=min(int(batch_size), len(train_ds)),
+            shuffle=True,
+            drop_last=drop_last,
+            generator=torch.Generator().manual_seed(seed),
+        )
+        val_dl = DataLoader(val_ds, batch_size=max(1, min(int(val_batch_size), len(val_ds))))
+        trainer = make_trainer(
+            max_epochs=max_epochs,
+            accelerator=accelerator,
+            devices=devices,
+            strategy=strategy,
+            progress=progress,
+            trainer_kwargs=trainer_kwargs,
+            num_sanity_val_steps=0,
+            callbacks=[EarlyStopping(monitor="val_loss", patience=int(patience), mode="min")],
+        )
+        trainer.fit(plan, train_dataloaders=train_dl, val_dataloaders=val_dl)
     return plan
 
 

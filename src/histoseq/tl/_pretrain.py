@@ -25,9 +25,7 @@ import logging
 import math
 import os
 import tempfile
-import warnings
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -49,6 +47,7 @@ from .._sdata import (
     transformations,
 )
 from ..models._augment import Augment, dihedral
+from ..models._training import make_trainer, quiet_loggers, quiet_training
 
 if TYPE_CHECKING:
     from spatialdata import SpatialData
@@ -487,19 +486,6 @@ def sample_tiles(
 # --------------------------------------------------------------------------------------------------
 
 
-@contextmanager
-def _quiet(names: Sequence[str]) -> Iterator[None]:
-    """Raise the given loggers to WARNING for the duration of the block."""
-    levels = {name: logging.getLogger(name).level for name in names}
-    try:
-        for name in names:
-            logging.getLogger(name).setLevel(logging.WARNING)
-        yield
-    finally:
-        for name, level in levels.items():
-            logging.getLogger(name).setLevel(level)
-
-
 def _positive_int(name: str, value: Any, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < minimum:
         raise ValueError(f"`{name}` must be an integer of at least {minimum}, got {value!r}.")
@@ -735,7 +721,7 @@ def pretrain_encoder(
         if progress
         else ["spatialdata", "spatialdata._logging", "lightning.pytorch", "lightning.fabric", "pytorch_lightning"]
     )
-    with _quiet(quiet):
+    with quiet_loggers(quiet):
         tiles, tile_table = sample_tiles(
             datasets,
             images,
@@ -752,11 +738,7 @@ def pretrain_encoder(
     from torch.utils.data import DataLoader, TensorDataset
 
     batch = min(batch_size, n_tiles)
-    with torch.random.fork_rng(devices=[]), warnings.catch_warnings(), _quiet(quiet):
-        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-        warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
-        warnings.filterwarnings("ignore", message=".*GPU available but not used.*")
-        warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+    with torch.random.fork_rng(devices=[]), quiet_training(progress):
         torch.manual_seed(seed)
         _, net, _ = get_encoder(encoder, random_state=seed)
         net.train()
@@ -781,16 +763,13 @@ def pretrain_encoder(
             drop_last=True,
             generator=torch.Generator().manual_seed(seed),
         )
-        trainer = pl.Trainer(
+        trainer = make_trainer(
             max_epochs=max_epochs,
             accelerator=accelerator,
             devices=devices,
             strategy=strategy,
-            enable_checkpointing=False,
-            logger=False,
-            enable_progress_bar=progress,
-            enable_model_summary=False,
-            **dict(trainer_kwargs or {}),
+            progress=progress,
+            trainer_kwargs=trainer_kwargs,
         )
         trainer.fit(plan, train_dataloaders=loader)
     if not plan.history or not np.isfinite(plan.history).all():
