@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import lightning.pytorch as pl
+import numpy as np
 
 #: loggers that print Lightning's start-up lines (devices, precision, model summary)
 LIGHTNING_LOGGERS = ("lightning.pytorch", "lightning.fabric", "pytorch_lightning")
@@ -18,6 +19,11 @@ _ROUTINE_WARNINGS = (
     ".*GPU available but not used.*",
     ".*LeafSpec.*",  # lightning's own use of torch's pytree
 )
+
+
+def training_seed(random_state: int | None) -> int:
+    """The seed of a training run: ``random_state``, or a fresh one from the operating system."""
+    return int(random_state) if random_state is not None else int(np.random.SeedSequence().entropy % 2**31)
 
 
 @contextmanager

@@ -570,7 +570,7 @@ def _fit_ridge(
 # --------------------------------------------------------------------------------------------------
 
 
-def _validation_rows(
+def _validation_choice(
     labels: np.ndarray | None,
     regions: np.ndarray | None,
     coords: np.ndarray | None,
@@ -606,6 +606,25 @@ def _validation_rows(
     mask = np.zeros(n, dtype=bool)
     mask[rng.choice(n, max(1, round(val_fraction * n)), replace=False)] = True
     return mask, "random spots"
+
+
+def _validation_rows(
+    labels: np.ndarray | None,
+    regions: np.ndarray | None,
+    coords: np.ndarray | None,
+    n: int,
+    *,
+    val_groups: Sequence[str] | None,
+    val_fraction: float,
+    random_state: int | None,
+) -> tuple[np.ndarray, str]:
+    """:func:`_validation_choice`, refused when it leaves no spot to train on or none to validate."""
+    val, desc = _validation_choice(
+        labels, regions, coords, n, val_groups=val_groups, val_fraction=val_fraction, random_state=random_state
+    )
+    if val.all() or not val.any():
+        raise ValueError("The validation spots for early stopping leave no spot to train on (or none to validate).")
+    return val, desc
 
 
 def _train_plan(
@@ -709,18 +728,17 @@ def _fit_mlp(
     from torch.utils.data import TensorDataset
 
     from ..models._heads import MLPHead, RegressionPlan
+    from ..models._training import training_seed
 
     n = len(X)
     val, val_desc = _validation_rows(
         labels, regions, coords, n, val_groups=val_groups, val_fraction=val_fraction, random_state=random_state
     )
-    if val.all() or not val.any():
-        raise ValueError("The validation spots for early stopping leave no spot to train on (or none to validate).")
     mean, scale = _standardise(X)
     y_mean, y_scale = _standardise(Y)
     Xs = ((X - mean) / scale).astype(np.float32)
     Ys = ((Y - y_mean) / y_scale).astype(np.float32)
-    seed = int(random_state) if random_state is not None else int(np.random.SeedSequence().entropy % 2**31)
+    seed = training_seed(random_state)
     epochs = 200 if max_epochs is None else int(max_epochs)
     config = {
         "n_hidden": int(n_hidden),

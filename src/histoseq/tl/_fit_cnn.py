@@ -229,6 +229,7 @@ def fit_cnn(
     from torch.utils.data import TensorDataset
 
     from ..models._heads import ImageRegressionPlan
+    from ..models._training import training_seed
     from ._fit import _standardise, _train_plan, _training_record, _validation_rows
 
     if not (isinstance(stain_jitter, int | float) and 0 <= stain_jitter < 1):
@@ -245,11 +246,9 @@ def fit_cnn(
     val, val_desc = _validation_rows(
         labels, regions, coords, n, val_groups=val_groups, val_fraction=val_fraction, random_state=random_state
     )
-    if val.all() or not val.any():
-        raise ValueError("The validation spots for early stopping leave no spot to train on (or none to validate).")
     y_mean, y_scale = _standardise(Y)
     Ys = ((Y - y_mean) / y_scale).astype(np.float32)
-    seed = int(random_state) if random_state is not None else int(np.random.SeedSequence().entropy % 2**31)
+    seed = training_seed(random_state)
     epochs = 100 if max_epochs is None else int(max_epochs)
     network, weights_record, dim = build_network(
         encoder,

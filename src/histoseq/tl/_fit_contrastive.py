@@ -66,6 +66,7 @@ def fit_contrastive(
     from torch.utils.data import TensorDataset
 
     from ..models._heads import ContrastiveHeads, ContrastivePlan
+    from ..models._training import training_seed
     from ._fit import _standardise, _train_plan, _training_record, _validation_rows
 
     if weighting not in WEIGHTINGS:
@@ -78,15 +79,13 @@ def fit_contrastive(
     val, val_desc = _validation_rows(
         labels, regions, coords, n, val_groups=val_groups, val_fraction=val_fraction, random_state=random_state
     )
-    if val.all() or not val.any():
-        raise ValueError("The validation spots for early stopping leave no spot to train on (or none to validate).")
     if (~val).sum() < 2:
         raise ValueError("The contrastive loss needs at least 2 training spots outside the validation spots.")
     mean, scale = _standardise(X)
     y_mean, y_scale = _standardise(Y)
     Xs = ((X - mean) / scale).astype(np.float32)
     Ys = ((Y - y_mean) / y_scale).astype(np.float32)
-    seed = int(random_state) if random_state is not None else int(np.random.SeedSequence().entropy % 2**31)
+    seed = training_seed(random_state)
     epochs = 200 if max_epochs is None else int(max_epochs)
     tr, va = np.flatnonzero(~val), np.flatnonzero(val)
     batch = max(2, int(batch_size))

@@ -47,7 +47,7 @@ from .._sdata import (
     transformations,
 )
 from ..models._augment import Augment, dihedral
-from ..models._training import make_trainer, quiet_loggers, quiet_training
+from ..models._training import make_trainer, quiet_loggers, quiet_training, training_seed
 
 if TYPE_CHECKING:
     from spatialdata import SpatialData
@@ -704,7 +704,7 @@ def pretrain_encoder(
         raise ValueError("`sdata` is an empty list; give at least one SpatialData.")
     images = _select_images(datasets, image_key, train, groups, table_key)
 
-    seed = int(random_state) if random_state is not None else int(np.random.SeedSequence().entropy % 2**31)
+    seed = training_seed(random_state)
     rng = np.random.default_rng(seed)
     logger.info(
         "Pretraining %r (%s) on %d tiles of %g µm at %d px from %d image(s).",
