@@ -15,11 +15,15 @@ encoders (``hs.tl.pretrain_encoder``, trained on tissue tiles of the training se
 see nothing of the held-out section. Frozen encoders (hand-crafted morphology, ImageNet) learn nothing
 from the data, so their embeddings are computed once for all spots.
 
+A row ``method:encoder`` fits ``hs.tl.fit(method=...)`` on that encoder's embedding with the
+library's defaults, including the per-section standardisation of the embedding; the suffix
+``:no-section-norm`` turns that off (``section_norm=False``). The HEST rows never use it.
+
 Each row prints, averaged over folds, for both gene sets: the mean Pearson over genes of the held-out
 section, the depth-partial Pearson (log total counts regressed out of prediction and truth) and the
 number of genes with r > 0; then the fit and predict time per fold. Reference rows: ``control:shuffled``
-(the ridge on morphology, trained on patches shuffled among the spots of each section: what a model
-scores with no image–expression link), ``control:depth`` (a ridge on each spot's log total counts alone,
+(the default model trained on the default embedding shuffled among the spots of each section: what a
+model scores with no image–expression link), ``control:depth`` (a ridge on each spot's log total counts alone,
 which an image-only slide does not have: how much of a score sequencing depth explains) and
 ``ridge_hest:*`` (the HEST protocol's fixed penalty).
 """
@@ -41,14 +45,21 @@ import numpy as np
 DATASETS = ("her2st", "mob")
 GENE_SETS = {"hvg": "seurat", "top": "mean"}
 #: what ``hs.tl.fit`` does without ``method=`` and ``embedding=``
-DEFAULT_ROW = "ridge:morphology_context"
-#: rows run by default (``method:encoder``), in the order of the printed table
+DEFAULT_ROW = "kernel:morphology_context"
+#: row suffix that turns off the per-section standardisation of the embedding (``section_norm=False``)
+NO_NORM = "no-section-norm"
+#: rows run by default (``method:encoder``, optionally ``:no-section-norm``), in the order of the table
 DEFAULT_ROWS = (
-    "ridge:morphology",
+    "kernel:morphology_context",
+    f"kernel:morphology_context:{NO_NORM}",
     "ridge:morphology_context",
+    f"ridge:morphology_context:{NO_NORM}",
+    "ridge:morphology",
     "ridge:imagenet",
+    "kernel:imagenet",
     "ridge:autoencoder",
     "ridge:simclr",
+    "kernel:simclr",
     "mlp:morphology_context",
     "contrastive:morphology_context",
     "cnn:small_cnn",
@@ -144,9 +155,15 @@ def _embed_frozen(sdata, key: str) -> str:
 
 
 def _embed_pretrained(sdata, method: str, sections: list[str], settings: Settings, tmp: Path):
-    """Pretrain a small CNN on the training sections' tissue only, then embed every spot with it."""
+    """Pretrain a small CNN on the training sections' tissue only, then embed every spot with it.
+
+    The embedding is kept per training set, so rows sharing an encoder share its pretraining.
+    """
     import histoseq as hs
 
+    key = f"pre_{method}_{'_'.join(sections)}"
+    if f"X_{key}" in sdata.tables["table"].obsm:
+        return f"X_{key}"
     path = tmp / f"{method}_{'_'.join(sections)}.pt"
     hs.tl.pretrain_encoder(
         sdata,
@@ -161,7 +178,6 @@ def _embed_pretrained(sdata, method: str, sections: list[str], settings: Setting
         random_state=settings.random_state,
         progress=False,
     )
-    key = f"pre_{method}"
     hs.tl.embed(
         sdata, encoder="small_cnn", weights=path, patch_size_um=224.0, patch_px=64, key_added=key, progress=False
     )
@@ -215,7 +231,9 @@ def run_row(row: str, sdata, fold_key: str, test_group: str, settings: Settings,
     """
     import histoseq as hs
 
-    method, encoder = row.split(":")
+    method, encoder, *option = row.split(":")
+    if option not in ([], [NO_NORM]):
+        raise ValueError(f"row {row!r}: the only option is {NO_NORM!r}")
     table = sdata.tables["table"]
     test = table.obs[fold_key].astype(str).to_numpy() == test_group
     train = ~test
@@ -223,11 +241,15 @@ def run_row(row: str, sdata, fold_key: str, test_group: str, settings: Settings,
     gene_sets = {k: hs.tl.select_genes(table, 50, train=train, flavor=f) for k, f in GENE_SETS.items()}
     union = list(dict.fromkeys(g for genes in gene_sets.values() for g in genes))
     kwargs: dict = {"random_state": settings.random_state, "progress": False}
+    if option or method == "ridge_hest":
+        kwargs["section_norm"] = False
     fit_method = method
     if method == "control":
-        fit_method = "ridge"
-        base = _embed_frozen(sdata, "morphology")
-        embedding = _shuffled(sdata, base, settings.random_state) if encoder == "shuffled" else _depth_key(sdata)
+        fit_method = DEFAULT_ROW.split(":")[0] if encoder == "shuffled" else "ridge"
+        if encoder == "shuffled":
+            embedding = _shuffled(sdata, _embed_frozen(sdata, DEFAULT_ROW.split(":")[1]), settings.random_state)
+        else:
+            embedding = _depth_key(sdata)
     elif method == "cnn":
         embedding = None
         kwargs.update(encoder=encoder, patch_size_um=224.0, patch_px=settings.patch_px_cnn)
@@ -285,7 +307,7 @@ def run(
                     if csv is not None:
                         pd.DataFrame.from_records(records).to_csv(csv, index=False)
                     log(
-                        f"  {name:6s} {row:26s} test {test_group:7s} hvg r={res['hvg_r']:.3f} "
+                        f"  {name:6s} {row:42s} test {test_group:7s} hvg r={res['hvg_r']:.3f} "
                         f"top r={res['top_r']:.3f} ({time.perf_counter() - t:.0f} s)"
                     )
     df = pd.DataFrame.from_records(records)

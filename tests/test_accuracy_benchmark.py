@@ -27,8 +27,8 @@ def bench():
 
 def test_mob_one_fold_every_kind_of_row(bench, mob_dir, tmp_path, monkeypatch):
     settings = replace(bench.QUICK, max_spots=90, cnn_epochs=2, pretrain_tiles=64, pretrain_epochs=1, mlp_epochs=10)
-    rows = [bench.DEFAULT_ROW, "ridge_hest:morphology", "contrastive:morphology", "ridge:autoencoder", "cnn:small_cnn"]
-    rows += ["control:shuffled", "control:depth"]
+    rows = [bench.DEFAULT_ROW, f"ridge:morphology:{bench.NO_NORM}", "ridge_hest:morphology", "contrastive:morphology"]
+    rows += ["ridge:autoencoder", "kernel:autoencoder", "cnn:small_cnn", "control:shuffled", "control:depth"]
     csv = tmp_path / "results.csv"
     df = bench.run(["mob"], rows, mob_dir.parent, settings, log=lambda m: None, csv=csv)
     assert list(df["row"]) == rows
@@ -58,6 +58,12 @@ def test_mob_one_fold_every_kind_of_row(bench, mob_dir, tmp_path, monkeypatch):
     margins = bench.margins(bench.summarise(df)).splitlines()
     assert [m.split(":")[0] for m in margins] == ["mob hvg", "mob top"]
     assert f"default {default['hvg_r']:.3f}" in margins[0]
+
+
+def test_a_row_option_must_be_known(bench, mob_dir, tmp_path):
+    sdata, fold_key, groups = bench.load("mob", mob_dir.parent, bench.Settings(max_spots=20))
+    with pytest.raises(ValueError, match="no-section-norm"):
+        bench.run_row("ridge:morphology:typo", sdata, fold_key, groups[0], bench.QUICK, tmp_path)
 
 
 def test_folds_never_share_a_section_or_a_mouse(bench, mob_dir):

@@ -34,7 +34,7 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     assert mean_r["nuclei_count"] > 0.5  # learnable genes are predicted on the held-out section
     assert abs(mean_r["noise"]) < 0.15  # noise genes are not
     model = hs.tl.load_model(tmp_path / "demo" / "model.pt")
-    assert model.embedding == "X_morphology_context" and model.method == "ridge"
+    assert model.embedding == "X_morphology_context" and model.method == "kernel" and model.section_norm
     assert (tmp_path / "demo" / "autoencoder_small_cnn.pt").exists()
     assert "X_ssl" in back.tables["table"].obsm
     loss = [float(v) for v in out.split("reconstruction loss by epoch: ")[1].split("\n")[0].split(", ")]

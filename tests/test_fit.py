@@ -9,7 +9,7 @@ import spatialdata as sd
 import torch
 
 import histoseq as hs
-from histoseq.tl._fit import _column_pearson, transform_counts
+from histoseq.tl._fit import _column_pearson, standardise_sections, transform_counts
 
 
 def _standin(func):
@@ -82,7 +82,7 @@ def sdata(base):
 
 @pytest.fixture(scope="module")
 def ridge_model(base):
-    return fit_(base, genes=list(base.tables["table"].var_names), train=TRAIN, progress=False)
+    return fit_(base, genes=list(base.tables["table"].var_names), method="ridge", train=TRAIN, progress=False)
 
 
 def held_out_pearson(table, model):
@@ -124,9 +124,9 @@ def test_cv_penalty_differs_sensibly_from_hest(base, ridge_model):
 
 
 def test_fixed_alpha_grid_and_pca_options(base):
-    model = fit_(base, genes=10, train=TRAIN, alpha=5.0, n_components=8, progress=False)
+    model = fit_(base, genes=10, method="ridge", train=TRAIN, alpha=5.0, n_components=8, progress=False)
     assert model.alpha == 5.0 and model.provenance["n_components"] == 8
-    frac = fit_(base, genes=10, train=TRAIN, n_components=0.5, alphas=[1, 10, 100], progress=False)
+    frac = fit_(base, genes=10, method="ridge", train=TRAIN, n_components=0.5, alphas=[1, 10, 100], progress=False)
     assert frac.provenance["n_components"] < 40 and frac.alpha in (1, 10, 100)
     with pytest.raises(TypeError, match="Unknown option"):
         fit_(base, genes=10, method="ridge_hest", alphas=[1.0], progress=False)
@@ -198,7 +198,7 @@ def test_mlp_trains_predicts_and_is_deterministic(base):
     assert not np.array_equal(pa, held_out_pearson(table, c)[1])
 
 
-@pytest.mark.parametrize("method", ["ridge", "mlp", "contrastive"])
+@pytest.mark.parametrize("method", ["kernel", "ridge", "mlp", "contrastive"])
 def test_save_load_round_trip(base, tmp_path, method):
     table = base.tables["table"]
     model = fit_(base, genes=15, method=method, train=TRAIN, max_epochs=5, progress=False)
@@ -275,7 +275,8 @@ def test_predict_on_an_image_only_slide_adds_a_table(sdata, ridge_model):
     regions, region_key, instance_key = get_table_keys(new)
     assert sorted(regions) == sorted(sdata.shapes) and (region_key, instance_key) == ("region", "spot_id")
     np.testing.assert_array_equal(new.obsm["spatial"], table.obsm["spatial"])
-    np.testing.assert_allclose(new.X, ridge_model.predict_embeddings(table.obsm["X_morphology"]))
+    sections = table.obs["region"].to_numpy()  # each section is standardised on its own
+    np.testing.assert_allclose(new.X, ridge_model.predict_embeddings(table.obsm["X_morphology"], sections=sections))
     # a table with only some of the genes gets a new table too, for the chosen spots only
     part = sd.SpatialData(shapes=dict(sdata.shapes), tables={"table": table[:, table.var_names[:30]].copy()})
     hs.tl.predict(part, ridge_model, spots=(table.obs["sample_id"] == TEST).to_numpy())
@@ -384,7 +385,7 @@ def test_with_the_morphology_encoder():
     cols = table.var_names.get_indexer(model.genes)
     np.testing.assert_allclose(
         slide.tables["table"].layers["predicted"][:, cols],
-        model.predict_embeddings(table.obsm["X_morphology"]),
+        model.predict_embeddings(table.obsm["X_morphology"], sections=table.obs["region"].to_numpy()),
         rtol=1e-4,
         atol=1e-4,
     )
@@ -413,15 +414,17 @@ def test_contrastive_recovers_learnable_genes_and_predicts_by_retrieval(base):
     np.testing.assert_allclose(a["reference_expression"], truth, rtol=1e-6)
     np.testing.assert_allclose(np.linalg.norm(a["reference_projection"], axis=1), 1, rtol=1e-5)
     # one spot by hand: project, take the 20 most similar references, softmax(similarity / T) weights
-    spot = np.flatnonzero(table.obs["sample_id"] == TEST)[0]
-    z = (table.obsm["X_morphology"][spot] - a["scaler_mean"]) / a["scaler_scale"]
+    test = np.flatnonzero(table.obs["sample_id"] == TEST)
+    X_test = standardise_sections(table.obsm["X_morphology"][test], None)  # the section's own statistics
+    z = (X_test[0] - a["scaler_mean"]) / a["scaler_scale"]
     with torch.no_grad():
         q = model._get_network()(torch.from_numpy(z[None].astype(np.float32))).numpy()[0].astype(float)
     sim = a["reference_projection"].astype(float) @ q
     top = np.argsort(-sim)[:20]
     w = np.exp((sim[top] - sim[top].max()) / c["temperature"])
     expected = (w / w.sum()) @ a["reference_expression"][top].astype(float)
-    np.testing.assert_allclose(model.predict_embeddings(table.obsm["X_morphology"][[spot]])[0], expected, rtol=1e-5)
+    got = model.predict_embeddings(table.obsm["X_morphology"][test], rows=[0])[0]
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
     # BLEEP's plain average of the top k
     mean = fit_(base, genes=model.genes, **{**kw, "weighting": "mean", "max_epochs": 1})
     a = mean._arrays
@@ -429,7 +432,7 @@ def test_contrastive_recovers_learnable_genes_and_predicts_by_retrieval(base):
         q = mean._get_network()(torch.from_numpy(z[None].astype(np.float32))).numpy()[0].astype(float)
     top = np.argsort(-(a["reference_projection"].astype(float) @ q))[:20]
     np.testing.assert_allclose(
-        mean.predict_embeddings(table.obsm["X_morphology"][[spot]])[0],
+        mean.predict_embeddings(table.obsm["X_morphology"][test], rows=[0])[0],
         a["reference_expression"][top].astype(float).mean(0),
         rtol=1e-5,
     )
@@ -493,6 +496,7 @@ def test_default_embedding_is_the_context_morphology():
     model = hs.tl.fit(sdata, genes=5, progress=False)
     table = sdata.tables["table"]
     assert model.embedding == DEFAULT_EMBEDDING == "X_morphology_context"
+    assert model.method == "kernel" and model.section_norm
     params = table.uns["morphology_context"]["params"]
     assert params["encoder"] == "morphology" and params["patch_size_um"] == [224.0, 448.0, 800.0]
     assert params["patch_size_um"] == EMBEDDING_PRESETS[DEFAULT_EMBEDDING]["patch_size_um"]

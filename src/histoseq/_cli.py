@@ -14,7 +14,8 @@ Steps: build synthetic H&E sections with spots and counts whose link to morpholo
 spot-centred patches of a fixed physical size from the image pyramids (chunk by chunk); tile the tissue of
 one section with a dense grid and cut patches there too; embed every spot with hand-crafted morphology
 features; pretrain a small CNN without labels on tissue tiles of the training sections (an autoencoder) and
-embed the spots with it; fit the default expression model (ridge on morphology at three scales) on all but
+embed the spots with it; fit the default expression model (kernel ridge regression on morphology at three
+scales, standardised within each section) on all but
 the last section and predict the held-out one; print per-gene scores next to the ground truth (learnable
 genes are predicted, noise genes are not) and compare the embeddings; write the model, the pretrained
 encoder, a figure of patches and the SpatialData (zarr) to the output folder.
@@ -144,12 +145,12 @@ def demo(args: argparse.Namespace) -> int:
 
     say(f"Fitting the default model (hs.tl.fit) on {', '.join(train)}; holding out {test}...")
     say(
-        "  ridge on morphology at 224, 448 and 800 µm around each spot (computed by fit); "
-        "penalty by leave-one-section-out CV"
+        "  kernel ridge on morphology at 224, 448 and 800 µm around each spot (computed by fit, standardised "
+        "within each section); kernel width and penalty by leave-one-section-out CV"
     )
     model = hs.tl.fit(sdata, genes=list(table.var_names), train=train, progress=progress)
     say(
-        f"  {len(model.genes)} genes, penalty {model.alpha:.3g}, "
+        f"  {len(model.genes)} genes, kernel width {model.config['gamma']:g}, penalty {model.alpha:.3g}, "
         f"embedding {model.embedding!r} ({model.n_features} dims)"
     )
     hs.tl.predict(sdata, model, key_added="predicted")
@@ -171,7 +172,7 @@ def demo(args: argparse.Namespace) -> int:
         hs.tl.predict(sdata, other, key_added=f"predicted_{key}")
         sc = hs.tl.evaluate(sdata, layer=f"predicted_{key}", spots=is_test)
         compare[key] = sc[sc["section"] == test].set_index("gene")["pearson"]
-    say(f"  held-out {test}, ridge on each embedding: mean r of the learnable genes / of the others")
+    say(f"  held-out {test}, the default model on each embedding: mean r of the learnable genes / of the others")
     for key, r in compare.items():
         r = r.reindex(table.var_names)
         say(f"    {key:<22} {np.nanmean(r[learnable]):+.2f} / {np.nanmean(r[~learnable]):+.2f}")

@@ -12,12 +12,14 @@ import numpy as np
 from .._sdata import get_table, select_rows, store_element
 from ._fit import (
     DEFAULT_EMBEDDING,
+    DEFAULT_METHOD,
     ExpressionModel,
     _column_pearson,
     _embedding_matrix,
     _ensure_embeddings,
     _group_labels,
     _prediction_info,
+    _section_labels,
     fit,
     transform_counts,
 )
@@ -375,7 +377,7 @@ def cross_validate(
     groups: str = "sample_id",
     donor_key: str | None = None,
     genes: int | Sequence[str] = 50,
-    method: str = "ridge",
+    method: str = DEFAULT_METHOD,
     embedding: str = DEFAULT_EMBEDDING,
     table_key: str | None = "table",
     target_transform: str | None = "log1p_cp10k",
@@ -408,7 +410,7 @@ def cross_validate(
     genes
         Gene names, or the number of genes each fold selects on its training spots.
     method
-        ``"ridge"``, ``"ridge_hest"`` or ``"mlp"``.
+        Any method of :func:`histoseq.tl.fit` (default ``"kernel"``).
     embedding
         Key of the embedding in ``obsm``. When the table lacks it, it is computed first for all spots, as
         :func:`histoseq.tl.fit` does (frozen encoders learn nothing from the data, so this leaks nothing;
@@ -495,7 +497,8 @@ def cross_validate(
 
             pred = np.asarray(predict(sdata, model, table_key=tkey, spots=test, inplace=False).X, dtype=np.float64)
         else:
-            pred = model.predict_embeddings(X_emb[test]).astype(np.float64)
+            sections = _section_labels(table, groups) if model.section_norm else None
+            pred = model.predict_embeddings(X_emb, sections=sections, rows=test).astype(np.float64)
         counts = table.X[test]
         truth = transform_counts(counts, model.target_transform, cols)
         s = gene_scores(pred, truth, _depth(counts))

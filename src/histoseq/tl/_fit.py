@@ -2,8 +2,10 @@
 
 The model maps a spot's embedding (``table.obsm[embedding]``, e.g. ``"X_morphology"`` written by
 :func:`histoseq.tl.embed`), or the H&E patch around it, to the transformed expression of a set of genes.
-Five methods:
+Six methods:
 
+- ``"kernel"`` (the default): kernel ridge regression, with the kernel width and penalty chosen by
+  cross-validation grouped by section, inside the training data (:mod:`histoseq.tl._fit_kernel`);
 - ``"ridge"``: standardise the embedding, project it on its principal components, and fit a ridge
   regression whose penalty is chosen by cross-validation grouped by section, inside the training data;
 - ``"ridge_hest"``: the same pipeline with the fixed penalty of the HEST benchmark, as a reference;
@@ -15,7 +17,8 @@ Five methods:
   training spots (:mod:`histoseq.tl._fit_contrastive`).
 
 This module is the dispatcher (inputs, targets, gene selection, the model class and its file); the
-networks' training lives in the method modules.
+networks' training lives in the method modules. The embedding methods standardise the embedding
+within each section first (``section_norm``, :func:`standardise_sections`).
 
 A fitted :class:`ExpressionModel` is saved to one file that holds only JSON text and tensors, and is
 read back with ``torch.load(..., weights_only=True)``: loading a model never runs code.
@@ -42,10 +45,13 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-Method = Literal["ridge", "ridge_hest", "mlp", "cnn", "contrastive"]
+Method = Literal["kernel", "ridge", "ridge_hest", "mlp", "cnn", "contrastive"]
 TargetTransform = Literal["log1p_cp10k", "log1p"] | None
 
-METHODS = ("ridge", "ridge_hest", "mlp", "cnn", "contrastive")
+METHODS = ("kernel", "ridge", "ridge_hest", "mlp", "cnn", "contrastive")
+#: What :func:`fit` does without ``method=``: the most accurate method on the real-data folds of
+#: ``benchmarks/accuracy.py``.
+DEFAULT_METHOD = "kernel"
 #: Methods trained with Lightning (``max_epochs``, ``accelerator``, ``devices``, ``strategy`` apply).
 NETWORK_METHODS = ("mlp", "cnn", "contrastive")
 #: Methods that read the images (patches) rather than an embedding.
@@ -70,7 +76,9 @@ _RIDGE_ARRAYS = ("scaler_mean", "scaler_scale", "pca_mean", "pca_components", "c
 _MLP_ARRAYS = ("scaler_mean", "scaler_scale", "target_mean", "target_scale")
 _CNN_ARRAYS = ("target_mean", "target_scale")
 _CONTRASTIVE_ARRAYS = (*_MLP_ARRAYS, "reference_projection", "reference_expression")
+_KERNEL_ARRAYS = ("scaler_mean", "scaler_scale", "landmarks", "dual_coef", "intercept")
 _REQUIRED_ARRAYS = {
+    "kernel": _KERNEL_ARRAYS,
     "ridge": _RIDGE_ARRAYS,
     "ridge_hest": _RIDGE_ARRAYS,
     "mlp": _MLP_ARRAYS,
@@ -194,6 +202,65 @@ def _region_labels(table: ad.AnnData) -> np.ndarray | None:
     except Exception:  # malformed attrs: no regions
         return None
     return table.obs[region_key].astype(str).to_numpy() if region_key in table.obs else None
+
+
+def _section_labels(table: ad.AnnData, groups: str | None) -> np.ndarray | None:
+    """The section of each row: its region (spots element) when the table records regions, else ``obs[groups]``."""
+    regions = _region_labels(table)
+    if regions is not None:
+        return regions
+    if groups is not None and groups in table.obs:
+        return _group_labels(table, groups)
+    return None
+
+
+#: Sections with fewer spots than this give noisy statistics to the per-section standardisation (warned).
+MIN_SECTION_SPOTS = 30
+
+
+def standardise_sections(X: np.ndarray, sections: np.ndarray | None) -> np.ndarray:
+    """Centre and scale each column of ``X`` within each section (``None``: all rows are one section).
+
+    Slides differ in staining, scanner and thickness, which shift and stretch every image feature; the
+    tissue varies *within* a slide. Standardising each feature over the spots of its own slide removes
+    the slide's offset and scale, so that a model learns within-slide contrasts that carry over to a new
+    slide. It reads images only (no expression), so it is as legitimate on a test slide as a stain
+    normalisation. Rows with a non-finite value are left as they are and take no part in the statistics.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from histoseq.tl._fit import standardise_sections
+    >>> X = np.array([[1.0], [3.0], [10.0], [30.0]])
+    >>> standardise_sections(X, np.array(["a", "a", "b", "b"])).ravel().tolist()
+    [-1.0, 1.0, -1.0, 1.0]
+
+    """
+    X = np.array(X, dtype=np.float64)
+    ok = np.isfinite(X).all(axis=1)
+    labels = np.zeros(len(X), dtype=int) if sections is None else np.asarray(sections)
+    if labels.shape != (len(X),):
+        raise ValueError(f"`sections` must hold one label per row ({len(X)}), got shape {labels.shape}.")
+    for section in np.unique(labels[ok]):
+        idx = ok & (labels == section)
+        n = int(idx.sum())
+        what = "the spots" if sections is None else f"section {section!r}"
+        if n < 2:
+            raise ValueError(
+                f"The model standardises the embedding within each section, but {what} hold(s) only {n} spot with "
+                "an embedding. Predict a whole section at once (`spots=` selects which predictions are kept), or "
+                "fit with `section_norm=False`."
+            )
+        if n < MIN_SECTION_SPOTS:
+            logger.warning(
+                "Standardising the embedding over only %d spots of %s: its statistics are noisy. Predict whole "
+                "sections at once.",
+                n,
+                what,
+            )
+        mean, scale = _standardise(X[idx])
+        X[idx] = (X[idx] - mean) / scale
+    return X
 
 
 def _embedding_name(key: str) -> str:
@@ -794,7 +861,7 @@ class ExpressionModel:
     Attributes
     ----------
     method
-        ``"ridge"``, ``"ridge_hest"``, ``"mlp"``, ``"cnn"`` or ``"contrastive"``.
+        ``"kernel"``, ``"ridge"``, ``"ridge_hest"``, ``"mlp"``, ``"cnn"`` or ``"contrastive"``.
     genes
         The genes it predicts, in order.
     target_transform
@@ -845,7 +912,7 @@ class ExpressionModel:
     # -- properties ----------------------------------------------------------------------------------
     @property
     def method(self) -> str:
-        """``"ridge"``, ``"ridge_hest"``, ``"mlp"``, ``"cnn"`` or ``"contrastive"``."""
+        """``"kernel"``, ``"ridge"``, ``"ridge_hest"``, ``"mlp"``, ``"cnn"`` or ``"contrastive"``."""
         return self._method
 
     @property
@@ -889,8 +956,13 @@ class ExpressionModel:
         return json.loads(json.dumps(self._provenance))
 
     @property
+    def section_norm(self) -> bool:
+        """Whether the embedding is standardised within each section before the model reads it."""
+        return bool(self._config.get("section_norm", False))
+
+    @property
     def alpha(self) -> float | None:
-        """Penalty of a ridge model (``None`` for the other methods)."""
+        """Penalty of a ridge or kernel model (``None`` for the other methods)."""
         value = self._provenance.get("alpha")
         return None if value is None else float(value)
 
@@ -924,15 +996,31 @@ class ExpressionModel:
                 self._network = net
         return self._network
 
-    def predict_embeddings(self, X: np.ndarray, *, batch_size: int = 65536) -> np.ndarray:
+    def predict_embeddings(
+        self,
+        X: np.ndarray,
+        *,
+        sections: np.ndarray | None = None,
+        rows: np.ndarray | None = None,
+        batch_size: int = 65536,
+    ) -> np.ndarray:
         """Predictions ``(n_spots, n_genes)`` (float32) for an embedding matrix; NaN rows stay NaN.
+
+        A model fitted with ``section_norm=True`` (the default of :func:`fit`) first standardises each
+        embedding dimension within each section (:func:`~histoseq.tl._fit.standardise_sections`), so
+        ``X`` should hold whole sections: all spots of one section when ``sections`` is ``None``.
 
         Parameters
         ----------
         X
             Embeddings, ``(n_spots, n_features)``.
+        sections
+            Section label of each row (for ``section_norm`` models); ``None``: the rows are one section.
+        rows
+            Predict only these rows (indices or a boolean mask) of ``X``; each section's statistics still
+            come from all of its rows. ``None``: all rows.
         batch_size
-            Spots per batch of the MLP.
+            Spots per batch of the networks.
 
         Returns
         -------
@@ -960,12 +1048,21 @@ class ExpressionModel:
             raise ValueError(
                 f"The model reads {self._n_features}-dimensional embeddings ({self._embedding!r}); got shape {X.shape}."
             )
+        if self.section_norm:
+            X = standardise_sections(X, sections)
+        if rows is not None:
+            X = X[np.asarray(rows)]
         out = np.full((len(X), len(self._genes)), np.nan, dtype=np.float32)
         ok = np.isfinite(X).all(axis=1)
         if not ok.any():
             return out
         a = self._arrays
         Z = (X[ok] - a["scaler_mean"]) / a["scaler_scale"]
+        if self._method == "kernel":
+            from ._fit_kernel import predict_kernel
+
+            out[ok] = predict_kernel(Z, a, self._config)
+            return out
         if self._method in ("ridge", "ridge_hest"):
             P = (Z - a["pca_mean"]) @ a["pca_components"].T
             out[ok] = P @ a["coef"] + a["intercept"]
@@ -1215,7 +1312,13 @@ class ExpressionModel:
             f"{self._target_transform!r}",
         ]
         stopped = f"best epoch {p.get('best_epoch')} (validation: {p.get('validation')})"
-        if self._method in ("ridge", "ridge_hest"):
+        if self._method == "kernel":
+            lines.append(
+                f"    kernel ridge: {c['kernel']} kernel, gamma={c['gamma']:g}, "
+                f"alpha={p.get('alpha', float('nan')):.4g} ({p.get('alpha_rule', '?')}), "
+                f"{p.get('n_landmarks', '?')} landmarks"
+            )
+        elif self._method in ("ridge", "ridge_hest"):
             lines.append(
                 f"    ridge: alpha={p.get('alpha', float('nan')):.4g} ({p.get('alpha_rule', '?')}), "
                 f"{p.get('n_components', '?')} principal components"
@@ -1235,6 +1338,8 @@ class ExpressionModel:
                 f"    contrastive (BLEEP): {c['n_proj']}-d joint space, temperature {c['temperature']:g}; predicts "
                 f"the {c['weighting']} of the top {c['k']} of {p.get('n_references', '?')} references; {stopped}"
             )
+        if self.section_norm:
+            lines.append("    embedding standardised within each section")
         groups = p.get("train_groups") or {}
         shown = ", ".join(list(groups)[:5]) + (", ..." if len(groups) > 5 else "")
         lines.append(f"    trained on {p.get('n_train_spots', '?')} spots" + (f" of {shown}" if shown else ""))
@@ -1279,6 +1384,7 @@ def load_model(path: str | Path) -> ExpressionModel:
 
 _TRAINING_OPTIONS = {"lr", "weight_decay", "batch_size", "patience", "val_groups", "val_fraction", "trainer_kwargs"}
 _METHOD_OPTIONS = {
+    "kernel": {"kernel", "gammas", "gamma", "alphas", "alpha", "max_landmarks", "alpha_scoring", "n_splits"},
     "ridge": {"alphas", "alpha", "n_components", "alpha_scoring", "n_splits"},
     "ridge_hest": {"n_components"},
     "mlp": {"n_hidden", "n_layers", "dropout", *_TRAINING_OPTIONS},
@@ -1384,8 +1490,9 @@ def fit(
     sdata: SpatialData | Sequence[SpatialData] | ad.AnnData,
     *,
     genes: int | Sequence[str] = 50,
-    method: Method = "ridge",
+    method: Method = DEFAULT_METHOD,
     embedding: str = DEFAULT_EMBEDDING,
+    section_norm: bool = True,
     train: Sequence[str] | np.ndarray | None = None,
     table_key: str | None = "table",
     target_transform: TargetTransform = "log1p_cp10k",
@@ -1413,10 +1520,27 @@ def fit(
     ``"X_resnet18"`` → ``"resnet18"``) and the options ``embed_kwargs`` (e.g. ``{"patch_px": 128}``, or
     ``{"encoder": "resnet18", "weights": "ssl.pt"}`` for another key). The default,
     ``"X_morphology_context"``, is the morphology encoder at 224, 448 and 800 µm around each spot
-    (:data:`~histoseq.tl._fit.EMBEDDING_PRESETS`); with ``method="ridge"`` it was the most accurate
-    combination on the real-data folds of ``benchmarks/accuracy.py``. So ``hs.tl.fit(sdata)`` then
-    ``hs.tl.predict(other, model)`` is a whole workflow. The methods:
+    (:data:`~histoseq.tl._fit.EMBEDDING_PRESETS`); with ``method="kernel"`` and ``section_norm=True`` it
+    was the most accurate combination on the real-data folds of ``benchmarks/accuracy.py``. So
+    ``hs.tl.fit(sdata)`` then ``hs.tl.predict(other, model)`` is a whole workflow.
 
+    With ``section_norm=True`` (the default; embedding methods), each dimension of the embedding is
+    standardised within each section (the spots element of a row, or ``obs[groups]`` for a table that
+    records no regions) before anything else, at training and again at prediction
+    (:func:`~histoseq.tl._fit.standardise_sections`). Staining and scanning shift every image feature of
+    a slide; this removes the shift, reading images only. Predictions then need whole sections: the
+    statistics of a section come from all of its spots, whichever ``spots=`` are predicted.
+
+    The methods:
+
+    - ``"kernel"`` (default): kernel ridge regression on the standardised embedding, with an RBF kernel
+      ``exp(-gamma |x - y|² / d)`` (``kernel="rbf"``) or ``exp(-sqrt(gamma |x - y|² / d))``
+      (``"exponential"``). The width (``gammas``, default ``(0.1, 0.3, 1, 3)``) and the penalty
+      (``alphas``, as for ridge) are chosen together by the same cross-validation inside the training
+      data as for ridge (``alpha_scoring``, ``n_splits``); ``gamma=``/``alpha=`` fix them. Beyond
+      ``max_landmarks`` (3,000) training spots, a Nyström approximation on that many spots drawn at
+      random keeps time and memory linear in the number of spots. See
+      :mod:`histoseq.tl._fit_kernel`.
     - ``"ridge"``: :class:`~sklearn.preprocessing.StandardScaler`-like standardisation, PCA to
       ``n_components`` (default ``min(256, n_features, n_train - 1)``; a float in (0, 1) keeps that
       fraction of variance), then ridge regression with an unpenalised intercept. The penalty is chosen
@@ -1476,9 +1600,11 @@ def fit(
         Gene names, or a number ``n`` of genes to select with :func:`histoseq.tl.select_genes` on the
         training spots (``min_spot_fraction``, ``hvg_flavor``).
     method
-        ``"ridge"``, ``"ridge_hest"``, ``"mlp"``, ``"cnn"`` or ``"contrastive"``.
+        ``"kernel"``, ``"ridge"``, ``"ridge_hest"``, ``"mlp"``, ``"cnn"`` or ``"contrastive"``.
     embedding
         Key of the embedding in ``obsm`` (not used by ``"cnn"``).
+    section_norm
+        Standardise the embedding within each section (see above; not used by ``"cnn"``).
     train
         Training spots: ``None`` (all), values of ``obs[groups]`` (e.g. sample ids), or a boolean mask over
         the rows (of the concatenated tables, for a list).
@@ -1510,8 +1636,9 @@ def fit(
     embed_kwargs
         Options of :func:`histoseq.tl.embed` when the embedding is computed (see above).
     **method_kwargs
-        Options of the method: ``alphas``, ``alpha``, ``n_components``, ``alpha_scoring``, ``n_splits``
-        (ridge; ``n_components`` for ``ridge_hest``); ``n_hidden``, ``n_layers``, ``dropout`` (MLP, cnn);
+        Options of the method: ``kernel``, ``gammas``, ``gamma``, ``max_landmarks`` (kernel); ``alphas``,
+        ``alpha``, ``alpha_scoring``, ``n_splits`` (kernel and ridge); ``n_components`` (ridge,
+        ``ridge_hest``); ``n_hidden``, ``n_layers``, ``dropout`` (MLP, cnn);
         ``encoder``, ``weights``, ``patch_size_um``, ``patch_px``, ``encoder_lr``, ``flips``, ``stain_jitter``,
         ``tta`` (cnn);
         ``n_proj``, ``dropout``, ``temperature``, ``k``, ``weighting`` (contrastive); and ``lr``,
@@ -1576,6 +1703,7 @@ def fit(
             genes=genes,
             method=method,
             embedding=None if images else embedding,
+            section_norm=bool(section_norm) and not images,
             train=train,
             table_key=table_key,
             target_transform=target_transform,
@@ -1603,6 +1731,7 @@ def _fit(
     genes: int | Sequence[str],
     method: str,
     embedding: str | None,
+    section_norm: bool,
     train: Any,
     table_key: str | None,
     target_transform: TargetTransform,
@@ -1644,6 +1773,8 @@ def _fit(
             mask &= finite
             if not mask.any():
                 raise ValueError(f"No training spot has a finite embedding `obsm[{embedding!r}]`.")
+        if section_norm:
+            X_all = standardise_sections(X_all, _section_labels(table, groups))
     else:
         patch_images, patch_params, mask = _training_patches(objects, table_key, mask, method_kwargs, progress)
     rows = np.flatnonzero(mask)
@@ -1683,10 +1814,16 @@ def _fit(
         arrays, config, info = fit_cnn(
             patch_images, Y, lab, reg, coords, patch_params=patch_params, **training, **method_kwargs
         )
+    elif method == "kernel":
+        from ._fit_kernel import fit_kernel
+
+        arrays, config, info = fit_kernel(X, Y, lab, reg, coords, random_state=random_state, **method_kwargs)
     else:
         arrays, config, info = _fit_ridge(
             X, Y, lab, reg, coords, hest=method == "ridge_hest", random_state=random_state, **method_kwargs
         )
+    if X is not None:
+        config["section_norm"] = bool(section_norm)
     if lab is not None:
         uniq, counts = np.unique(lab, return_counts=True)
         train_groups = {str(g): int(c) for g, c in zip(uniq, counts)}
@@ -1820,6 +1957,7 @@ def _prediction_info(model: ExpressionModel, **extra: Any) -> dict[str, Any]:
         "target_transform": "none" if model.target_transform is None else model.target_transform,
         "method": model.method,
         "embedding": model.embedding or "",
+        "section_norm": model.section_norm,
         "groups": p.get("groups") or "",
         "train_groups": list(p.get("train_groups") or {}),
     }
@@ -1927,7 +2065,9 @@ def predict(
         missing_what = "patch (centre outside the image)"
     else:
         X = _prediction_embedding(sdata, tkey, model)
-        pred = model.predict_embeddings(X[rows])
+        table = sdata.tables[tkey]
+        sections = _section_labels(table, model.provenance.get("groups")) if model.section_norm else None
+        pred = model.predict_embeddings(X, sections=sections, rows=rows)
         extra, missing_what = {}, "finite embedding"
     table = sdata.tables[tkey]
     n_nan = int(np.isnan(pred).all(axis=1).sum())

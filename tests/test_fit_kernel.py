@@ -1,0 +1,156 @@
+"""Kernel ridge regression (``method="kernel"``, the default) and the per-section standardisation of embeddings."""
+
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import spatialdata as sd
+
+import histoseq as hs
+from histoseq.tl._fit import _column_pearson, standardise_sections, transform_counts
+from histoseq.tl._fit_kernel import kernel_matrix
+
+
+def nonlinear_table(n_per_group: int = 150, seed: int = 0) -> ad.AnnData:
+    """Three groups of spots whose counts follow a function of a 2-d embedding that no linear map recovers."""
+    rng = np.random.default_rng(seed)
+    n = 3 * n_per_group
+    X = rng.uniform(-1, 1, size=(n, 2))
+    signal = np.sin(3 * X[:, 0]) * np.cos(3 * X[:, 1])  # zero linear correlation with either coordinate
+    rate = np.exp(3 + 1.5 * signal)
+    counts = np.c_[rng.poisson(rate), rng.poisson(20.0, size=(n, 3))]
+    table = ad.AnnData(
+        counts.astype(np.float32), obs=pd.DataFrame({"sample_id": np.repeat(["a", "b", "c"], n_per_group)})
+    )
+    table.obs_names = [f"s{i}" for i in range(n)]
+    table.var_names = ["WAVE", "FLAT1", "FLAT2", "FLAT3"]
+    table.obsm["X_e"] = X
+    return table
+
+
+def test_kernel_learns_what_a_linear_probe_cannot():
+    table = nonlinear_table()
+    test = (table.obs["sample_id"] == "c").to_numpy()
+    truth = transform_counts(table.X[test], "log1p_cp10k", [0])
+    scores = {}
+    for method in ("kernel", "ridge"):
+        model = hs.tl.fit(table, genes=["WAVE"], method=method, embedding="X_e", train=["a", "b"], progress=False)
+        pred = model.predict_embeddings(table.obsm["X_e"][test])
+        scores[method] = float(_column_pearson(pred.astype(float), truth)[0])
+    assert scores["kernel"] > 0.7
+    assert scores["ridge"] < 0.3
+    kernel = hs.tl.fit(table, genes=["WAVE"], embedding="X_e", train=["a", "b"], progress=False)
+    p = kernel.provenance
+    assert kernel.method == "kernel" and p["alpha_rule"].startswith("cross-validation (leave-one-group-out, 2 folds")
+    assert np.shape(p["cv"]["mse"]) == (len(p["cv"]["gammas"]), len(p["cv"]["alphas"]))
+    assert kernel.config["gamma"] in p["cv"]["gammas"] and p["n_landmarks"] == 2 * 150
+    assert "kernel ridge: rbf kernel" in repr(kernel)
+
+
+def test_kernel_with_every_spot_a_landmark_is_exact_kernel_ridge():
+    table = nonlinear_table(n_per_group=40, seed=1)
+    train = (table.obs["sample_id"] != "c").to_numpy()
+    gamma, alpha = 0.7, 0.3
+    model = hs.tl.fit(
+        table, genes=["WAVE", "FLAT1"], embedding="X_e", train=train, gamma=gamma, alpha=alpha, section_norm=False,
+        progress=False,
+    )  # fmt: skip
+    assert model.provenance["alpha_rule"] == "given"
+    a = model._arrays
+    Z = (table.obsm["X_e"] - a["scaler_mean"]) / a["scaler_scale"]
+    Y = transform_counts(table.X[train], "log1p_cp10k", table.var_names.get_indexer(model.genes))
+    # kernel ridge regression with an unpenalised intercept, in its dual form
+    K = kernel_matrix(Z[train], Z[train], kernel="rbf", gamma=gamma)
+    n = len(K)
+    H = np.eye(n) - 1.0 / n
+    dual = H @ np.linalg.solve(H @ K @ H + alpha * np.eye(n), H @ Y)
+    Kx = kernel_matrix(Z[~train], Z[train], kernel="rbf", gamma=gamma)
+    expected = (Kx - K.mean(0)) @ dual + Y.mean(0)
+    got = model.predict_embeddings(table.obsm["X_e"][~train])
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_nystrom_landmarks_approximate_the_exact_model():
+    table = nonlinear_table(n_per_group=200, seed=2)
+    kw = {"genes": ["WAVE"], "embedding": "X_e", "train": ["a", "b"], "gamma": 1.0, "alpha": 1.0, "progress": False}
+    exact = hs.tl.fit(table, **kw)
+    small = hs.tl.fit(table, max_landmarks=120, **kw)
+    assert exact.provenance["n_landmarks"] == 400 and small.provenance["n_landmarks"] == 120
+    assert small._arrays["landmarks"].shape == (120, 2)
+    X = table.obsm["X_e"][(table.obs["sample_id"] == "c").to_numpy()]
+    r = np.corrcoef(exact.predict_embeddings(X)[:, 0], small.predict_embeddings(X)[:, 0])[0, 1]
+    assert r > 0.98
+
+
+def test_kernel_options_are_checked():
+    table = nonlinear_table(n_per_group=20)
+    kw = {"genes": ["WAVE"], "embedding": "X_e", "progress": False}
+    with pytest.raises(ValueError, match="kernel"):
+        hs.tl.fit(table, kernel="polynomial", **kw)
+    with pytest.raises(TypeError, match="not both"):
+        hs.tl.fit(table, gamma=1.0, gammas=[1.0, 2.0], **kw)
+    with pytest.raises(ValueError, match="positive"):
+        hs.tl.fit(table, gammas=[0.0, 1.0], **kw)
+    with pytest.raises(TypeError, match="n_components"):
+        hs.tl.fit(table, n_components=5, **kw)
+    exp = hs.tl.fit(table, kernel="exponential", **kw)
+    assert exp.config["kernel"] == "exponential"
+
+
+def test_standardise_sections():
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(60, 3))
+    sections = np.repeat(["a", "b"], 30)
+    shifted = X.copy()
+    shifted[30:] = 5 + 3 * shifted[30:]  # another stain and scanner on section b
+    np.testing.assert_allclose(standardise_sections(shifted, sections), standardise_sections(X, sections))
+    Z = standardise_sections(X, sections)
+    np.testing.assert_allclose(Z[:30].mean(0), 0, atol=1e-12)
+    np.testing.assert_allclose(Z[30:].std(0), 1)
+    X[3] = np.nan  # no image under a spot: left as it is, not counted
+    Z = standardise_sections(X, sections)
+    assert np.isnan(Z[3]).all() and np.isfinite(np.delete(Z, 3, axis=0)).all()
+    with pytest.raises(ValueError, match="one label per row"):
+        standardise_sections(X, sections[:10])
+
+
+@pytest.fixture(scope="module")
+def synthetic():
+    sdata = hs.datasets.synthetic(n_sections=3, section_size_um=900, random_state=0, progress=False)
+    table = sdata.tables["table"]
+    rng = np.random.default_rng(0)
+    feats = table.obs[[c for c in table.obs.columns if c.startswith("true_")]].to_numpy(float)
+    table.obsm["X_e"] = np.c_[feats @ rng.normal(size=(feats.shape[1], 12)), rng.normal(size=(table.n_obs, 4))]
+    return sdata
+
+
+def test_section_norm_undoes_a_slide_wide_shift_of_the_embedding(synthetic):
+    table = synthetic.tables["table"]
+    test = (table.obs["sample_id"] == "section2").to_numpy()
+    genes = list(table.var_names[table.var["learnable"].to_numpy()])[:10]
+    kw = {"genes": genes, "embedding": "X_e", "train": ["section0", "section1"], "progress": False}
+    normed, raw = hs.tl.fit(synthetic, **kw), hs.tl.fit(synthetic, section_norm=False, **kw)
+    X = table.obsm["X_e"][test]
+    stained = 2.0 * X + 4.0  # the held-out slide, stained and scanned differently
+    truth = transform_counts(table.X[test], "log1p_cp10k", table.var_names.get_indexer(genes))
+    np.testing.assert_allclose(normed.predict_embeddings(stained), normed.predict_embeddings(X), rtol=1e-4, atol=1e-4)
+    r_normed = np.nanmean(_column_pearson(normed.predict_embeddings(stained).astype(float), truth))
+    r_raw = np.nanmean(_column_pearson(raw.predict_embeddings(stained).astype(float), truth))
+    assert r_normed > 0.5 and r_normed > r_raw + 0.2
+    assert not raw.section_norm and "standardised within each section" in repr(normed)
+
+
+def test_predicting_some_spots_uses_their_whole_section(synthetic):
+    model = hs.tl.fit(synthetic, genes=5, embedding="X_e", train=["section0", "section1"], progress=False)
+    table = synthetic.tables["table"]
+    light = sd.SpatialData(shapes=dict(synthetic.shapes), tables={"table": table.copy()})
+    everything = hs.tl.predict(light, model, inplace=False)
+    some = np.flatnonzero((table.obs["sample_id"] == "section2").to_numpy())[:3]
+    part = hs.tl.predict(light, model, spots=some, inplace=False)
+    np.testing.assert_allclose(part.X, everything.X[some], rtol=1e-6)
+    assert part.uns["predicted"]["section_norm"] is True
+    # the embeddings of one spot alone cannot be standardised
+    with pytest.raises(ValueError, match="whole section"):
+        model.predict_embeddings(table.obsm["X_e"][some[:1]])
