@@ -225,9 +225,9 @@ def score(pred, sdata, test: np.ndarray, genes: list[str], target_transform) -> 
 def run_row(row: str, sdata, fold_key: str, test_group: str, settings: Settings, tmp: Path) -> dict[str, float]:
     """Fit row ``method:encoder`` on all groups but ``test_group``, score it on ``test_group``.
 
-    Both gene sets are chosen on the training spots; one model is fitted on their union (each gene is
-    one output: a ridge treats genes independently given its penalty, the networks share their layers)
-    and each set is scored on its own genes.
+    Both gene sets are chosen on the training spots, and each gets its own model (as a user fitting
+    ``genes=50`` would: the penalty, kernel width and early stopping are chosen for those genes). The fit
+    and predict times are those of one model.
     """
     import histoseq as hs
 
@@ -239,7 +239,6 @@ def run_row(row: str, sdata, fold_key: str, test_group: str, settings: Settings,
     train = ~test
     train_sections = sorted(set(table.obs.loc[train, "sample_id"].astype(str)))
     gene_sets = {k: hs.tl.select_genes(table, 50, train=train, flavor=f) for k, f in GENE_SETS.items()}
-    union = list(dict.fromkeys(g for genes in gene_sets.values() for g in genes))
     kwargs: dict = {"random_state": settings.random_state, "progress": False}
     if option or method == "ridge_hest":
         kwargs["section_norm"] = False
@@ -262,13 +261,14 @@ def run_row(row: str, sdata, fold_key: str, test_group: str, settings: Settings,
         kwargs["max_epochs"] = settings.mlp_epochs
     if embedding is not None:
         kwargs["embedding"] = embedding
-    t = time.perf_counter()
-    model = hs.tl.fit(sdata, genes=union, method=fit_method, train=train, groups="sample_id", **kwargs)
-    out: dict[str, float] = {"fit_s": time.perf_counter() - t}
-    t = time.perf_counter()
-    pred = hs.tl.predict(sdata, model, spots=test, inplace=False)
-    out["predict_s"] = time.perf_counter() - t
+    out: dict[str, float] = {"fit_s": 0.0, "predict_s": 0.0}
     for name, genes in gene_sets.items():
+        t = time.perf_counter()
+        model = hs.tl.fit(sdata, genes=genes, method=fit_method, train=train, groups="sample_id", **kwargs)
+        out["fit_s"] += (time.perf_counter() - t) / len(gene_sets)
+        t = time.perf_counter()
+        pred = hs.tl.predict(sdata, model, spots=test, inplace=False)
+        out["predict_s"] += (time.perf_counter() - t) / len(gene_sets)
         cols = pred.var_names.get_indexer(genes)
         s = score(np.asarray(pred.X, float)[:, cols], sdata, test, genes, model.target_transform)
         out.update({f"{name}_{k}": v for k, v in s.items()})
