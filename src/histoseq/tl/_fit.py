@@ -1535,7 +1535,7 @@ def fit(
 
     - ``"kernel"`` (default): kernel ridge regression on the standardised embedding, with an RBF kernel
       ``exp(-gamma |x - y|² / d)`` (``kernel="rbf"``) or ``exp(-sqrt(gamma |x - y|² / d))``
-      (``"exponential"``). The width (``gammas``, default ``(0.1, 0.3, 1, 3)``) and the penalty
+      (``"exponential"``). The width (``gammas``, default ``(0.01, 0.03, ..., 3, 10)``) and the penalty
       (``alphas``, as for ridge) are chosen together by the same cross-validation inside the training
       data as for ridge (``alpha_scoring``, ``n_splits``); ``gamma=``/``alpha=`` fix them. Beyond
       ``max_landmarks`` (3,000) training spots, a Nyström approximation on that many spots drawn at

@@ -32,7 +32,7 @@ KERNELS = ("rbf", "exponential")
 #: ``exp(-gamma * |x - y|² / d)`` (``"rbf"``) or ``exp(-sqrt(gamma * |x - y|² / d))`` (``"exponential"``).
 #: Two standardised spots lie about ``2 d`` apart (squared), so ``gamma = 1`` puts a typical pair at
 #: ``exp(-2)``.
-DEFAULT_GAMMAS = (0.03, 0.1, 0.3, 1.0, 3.0)
+DEFAULT_GAMMAS = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
 #: Largest number of landmarks (training spots) of the Nyström features.
 MAX_LANDMARKS = 3000
 _EIG_FLOOR = 1e-8
