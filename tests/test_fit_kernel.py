@@ -154,3 +154,16 @@ def test_predicting_some_spots_uses_their_whole_section(synthetic):
     # the embeddings of one spot alone cannot be standardised
     with pytest.raises(ValueError, match="whole section"):
         model.predict_embeddings(table.obsm["X_e"][some[:1]])
+
+
+def test_a_kernel_width_at_the_grid_edge_is_reported_not_warned(caplog):
+    table = nonlinear_table(n_per_group=30)
+    with caplog.at_level("INFO", logger="histoseq"):
+        hs.tl.fit(table, genes=["WAVE"], embedding="X_e", gammas=[1e-4, 1e-3], progress=False)
+    edge = [r for r in caplog.records if "kernel width chosen" in r.getMessage()]
+    assert len(edge) == 1 and edge[0].levelname == "INFO"
+    assert "nearly linear" in edge[0].getMessage() or "gamma=0.001" in edge[0].getMessage()
+    with caplog.at_level("WARNING", logger="histoseq"):
+        caplog.clear()
+        hs.tl.fit(table, genes=["WAVE"], embedding="X_e", alphas=[1e-6, 1e-5], progress=False)
+    assert any("penalty chosen by cross-validation" in r.getMessage() for r in caplog.records)

@@ -148,17 +148,24 @@ def fit_kernel(
         score = mse if alpha_scoring == "mse" else -corr
         i, j = np.unravel_index(int(np.nanargmin(score)), score.shape)
         best_gamma, best_alpha = float(gamma_grid[i]), float(alpha_grid[j])
-        for value, grid, name in ((best_gamma, gamma_grid, "gammas"), (best_alpha, alpha_grid, "alphas")):
-            if len(grid) > 1 and value in (grid[0], grid[-1]):
-                logger.warning(
-                    "The kernel's %s chosen by cross-validation (%g) lies at the edge of the grid [%g, %g]; pass "
-                    "a wider `%s=`.",
-                    name[:-1],
-                    value,
-                    grid[0],
-                    grid[-1],
-                    name,
-                )
+        if len(alpha_grid) > 1 and best_alpha in (alpha_grid[0], alpha_grid[-1]):
+            logger.warning(
+                "The penalty chosen by cross-validation (alpha=%g) lies at the edge of the grid [%g, %g]; pass a "
+                "wider `alphas=`.",
+                best_alpha,
+                alpha_grid[0],
+                alpha_grid[-1],
+            )
+        if len(gamma_grid) > 1 and best_gamma in (gamma_grid[0], gamma_grid[-1]):
+            # not a failure: the widest kernel is nearly a linear model, the narrowest nearly nearest neighbours
+            logger.info(
+                "The kernel width chosen by cross-validation (gamma=%g) lies at the edge of the grid [%g, %g]%s; "
+                "`gammas=` widens it.",
+                best_gamma,
+                gamma_grid[0],
+                gamma_grid[-1],
+                ": the data look nearly linear in the embedding" if best_gamma == gamma_grid[0] else "",
+            )
         info.update(
             gamma=best_gamma,
             alpha=best_alpha,
