@@ -243,12 +243,11 @@ def run_row(row: str, sdata, fold_key: str, test_group: str, settings: Settings,
     if option or method == "ridge_hest":
         kwargs["section_norm"] = False
     fit_method = method
-    if method == "control":
-        fit_method = DEFAULT_ROW.split(":")[0] if encoder == "shuffled" else "ridge"
-        if encoder == "shuffled":
-            embedding = _shuffled(sdata, _embed_frozen(sdata, DEFAULT_ROW.split(":")[1]), settings.random_state)
-        else:
-            embedding = _depth_key(sdata)
+    if method == "control" and encoder == "shuffled":
+        fit_method, default_encoder = DEFAULT_ROW.split(":")
+        embedding = _shuffled(sdata, _embed_frozen(sdata, default_encoder), settings.random_state)
+    elif method == "control":
+        fit_method, embedding = "ridge", _depth_key(sdata)
     elif method == "cnn":
         embedding = None
         kwargs.update(encoder=encoder, patch_size_um=224.0, patch_px=settings.patch_px_cnn)

@@ -130,8 +130,9 @@ def fit_kernel(
     L = Z[landmark_rows]
 
     def features(g: float) -> tuple[np.ndarray, np.ndarray]:
-        T = _nystrom_map(kernel_matrix(L, L, kernel=kernel, gamma=g))
-        return kernel_matrix(Z, L, kernel=kernel, gamma=g) @ T, T
+        K = kernel_matrix(Z, L, kernel=kernel, gamma=g)  # the landmarks' own block is rows of it
+        T = _nystrom_map(K[landmark_rows])
+        return K @ T, T
 
     info: dict[str, Any] = {"n_landmarks": m}
     config: dict[str, Any] = {"kernel": kernel, "max_landmarks": int(max_landmarks)}
