@@ -24,8 +24,10 @@ section, the depth-partial Pearson (log total counts regressed out of prediction
 number of genes with r > 0; then the fit and predict time per fold. Reference rows: ``control:shuffled``
 (the default model trained on the default embedding shuffled among the spots of each section: what a
 model scores with no image–expression link), ``control:depth`` (a ridge on each spot's log total counts alone,
-which an image-only slide does not have: how much of a score sequencing depth explains) and
-``ridge_hest:*`` (the HEST protocol's fixed penalty).
+which an image-only slide does not have: how much of a score sequencing depth explains),
+``ridge_hest:*`` (the HEST protocol's fixed penalty) and ``reference:ceiling`` (no model: the estimated
+highest mean r that any prediction could reach on the held-out section given the counting noise of its
+measurement, ``hs.tl.evaluate(ceiling=True)``, from two random halves of each spot's molecules).
 """
 
 from __future__ import annotations
@@ -67,6 +69,7 @@ DEFAULT_ROWS = (
     "ridge_hest:morphology_context",
     "control:shuffled",
     "control:depth",
+    "reference:ceiling",
 )
 
 
@@ -222,6 +225,19 @@ def score(pred, sdata, test: np.ndarray, genes: list[str], target_transform) -> 
     }
 
 
+def ceiling(sdata, test: np.ndarray, gene_sets: dict[str, list[str]], seed: int) -> dict[str, float]:
+    """The noise ceiling of each gene set on the ``test`` spots (mean over genes); no model is fitted."""
+    from histoseq.tl._evaluate import noise_ceiling
+
+    table = sdata.tables["table"]
+    out: dict[str, float] = {"fit_s": 0.0, "predict_s": 0.0}
+    for name, genes in gene_sets.items():
+        c = noise_ceiling(table.X[test], "log1p_cp10k", table.var_names.get_indexer(genes), random_state=seed)
+        nan = float("nan")
+        out.update({f"{name}_r": float(np.nanmean(c)), f"{name}_r_partial": nan, f"{name}_n_pos": nan})
+    return out
+
+
 def run_row(row: str, sdata, fold_key: str, test_group: str, settings: Settings, tmp: Path) -> dict[str, float]:
     """Fit row ``method:encoder`` on all groups but ``test_group``, score it on ``test_group``.
 
@@ -239,6 +255,10 @@ def run_row(row: str, sdata, fold_key: str, test_group: str, settings: Settings,
     train = ~test
     train_sections = sorted(set(table.obs.loc[train, "sample_id"].astype(str)))
     gene_sets = {k: hs.tl.select_genes(table, 50, train=train, flavor=f) for k, f in GENE_SETS.items()}
+    if method == "reference":
+        if encoder != "ceiling":
+            raise ValueError(f"row {row!r}: the only reference row is 'reference:ceiling'")
+        return ceiling(sdata, test, gene_sets, settings.random_state)
     kwargs: dict = {"random_state": settings.random_state, "progress": False}
     if option or method == "ridge_hest":
         kwargs["section_norm"] = False
@@ -332,9 +352,14 @@ def markdown(summary) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     label = {r: r + (" (default)" if r == DEFAULT_ROW else "") for r in summary["row"]}
+
+    def num(value: float, spec: str = ".3f", suffix: str = "") -> str:
+        return f"{value:{spec}}{suffix}" if np.isfinite(value) else "–"
+
     lines = [
-        f"| {r.dataset} | {label[r.row]} | {r.hvg_r:.3f} | {r.hvg_r_partial:.3f} | {r.hvg_n_pos:.0f}/50 | "
-        f"{r.top_r:.3f} | {r.top_r_partial:.3f} | {r.top_n_pos:.0f}/50 | {r.hvg_r_per_fold} | "
+        f"| {r.dataset} | {label[r.row]} | {num(r.hvg_r)} | {num(r.hvg_r_partial)} | "
+        f"{num(r.hvg_n_pos, '.0f', '/50')} | "
+        f"{num(r.top_r)} | {num(r.top_r_partial)} | {num(r.top_n_pos, '.0f', '/50')} | {r.hvg_r_per_fold} | "
         f"{r.fit_s:.1f} | {r.predict_s:.1f} |"
         for r in summary.itertuples()
     ]
@@ -349,7 +374,7 @@ def margins(summary) -> str:
         if DEFAULT_ROW not in rows.index:
             continue
         others = rows.drop(
-            index=[r for r in rows.index if r == DEFAULT_ROW or r.startswith(("control:", "ridge_hest:"))]
+            index=[r for r in rows.index if r == DEFAULT_ROW or r.startswith(("control:", "ridge_hest:", "reference:"))]
         )
         d = rows.loc[DEFAULT_ROW]
         for gene_set in GENE_SETS:
@@ -358,11 +383,15 @@ def margins(summary) -> str:
                 continue
             best = others[col].idxmax()
             depth = rows.loc["control:depth", col] if "control:depth" in rows.index else float("nan")
-            lines.append(
+            line = (
                 f"{name} {gene_set}: default {d[col]:.3f} (depth-partial {d[f'{gene_set}_r_partial']:.3f}); "
                 f"best other {best} {others.loc[best, col]:.3f} (default {d[col] - others.loc[best, col]:+.3f}); "
                 f"log total counts alone {depth:.3f}"
             )
+            if "reference:ceiling" in rows.index:
+                top = rows.loc["reference:ceiling", col]
+                line += f"; noise ceiling {top:.3f} (the default reaches {d[col] / top:.0%} of it)"
+            lines.append(line)
     return "\n".join(lines)
 
 

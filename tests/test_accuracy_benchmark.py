@@ -29,12 +29,14 @@ def test_mob_one_fold_every_kind_of_row(bench, mob_dir, tmp_path, monkeypatch):
     settings = replace(bench.QUICK, max_spots=90, cnn_epochs=2, pretrain_tiles=64, pretrain_epochs=1, mlp_epochs=10)
     rows = [bench.DEFAULT_ROW, f"ridge:morphology:{bench.NO_NORM}", "ridge_hest:morphology", "contrastive:morphology"]
     rows += ["ridge:autoencoder", "kernel:autoencoder", "cnn:small_cnn", "control:shuffled", "control:depth"]
+    rows += ["reference:ceiling"]
     csv = tmp_path / "results.csv"
     df = bench.run(["mob"], rows, mob_dir.parent, settings, log=lambda m: None, csv=csv)
     assert list(df["row"]) == rows
     assert set(df["test"]) == {"mouse1"}  # one fold: train on mouse 2, test on mouse 1
     metrics = [f"{g}_{m}" for g in ("hvg", "top") for m in ("r", "r_partial", "n_pos")]
-    assert np.isfinite(df[metrics].to_numpy(float)).all()
+    models = df[df["row"] != "reference:ceiling"]
+    assert np.isfinite(models[metrics].to_numpy(float)).all()
     by_row = df.set_index("row")
     default = by_row.loc[bench.DEFAULT_ROW]
     shuffled, depth = by_row.loc["control:shuffled"], by_row.loc["control:depth"]
@@ -47,6 +49,11 @@ def test_mob_one_fold_every_kind_of_row(bench, mob_dir, tmp_path, monkeypatch):
     assert depth["hvg_r"] > 0.1
     assert abs(depth["hvg_r_partial"]) < 0.05 and abs(depth["top_r_partial"]) < 0.05
     assert default["hvg_r_partial"] > 0.1
+    # the noise ceiling fits no model: it bounds what any model can score on the held-out spots
+    ceiling = by_row.loc["reference:ceiling"]
+    for gene_set in ("hvg", "top"):
+        assert default[f"{gene_set}_r"] < ceiling[f"{gene_set}_r"] <= 1.0
+        assert np.isnan(ceiling[f"{gene_set}_r_partial"])
     table = bench.markdown(bench.summarise(df))
     assert f"| mob | {bench.DEFAULT_ROW} (default) |" in table
     assert table.count("\n| mob |") == len(rows)
@@ -54,16 +61,21 @@ def test_mob_one_fold_every_kind_of_row(bench, mob_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "run_row", lambda *a, **k: pytest.fail("recomputed a stored result"))
     again = bench.run(["mob"], rows[::-1], mob_dir.parent, settings, log=lambda m: None, csv=csv)
     assert list(again["row"]) == rows[::-1]
-    assert np.allclose(again.set_index("row").loc[rows, metrics].to_numpy(float), df[metrics].to_numpy(float))
+    stored = again.set_index("row").loc[rows, metrics].to_numpy(float)
+    assert np.allclose(stored, df[metrics].to_numpy(float), equal_nan=True)
     margins = bench.margins(bench.summarise(df)).splitlines()
     assert [m.split(":")[0] for m in margins] == ["mob hvg", "mob top"]
     assert f"default {default['hvg_r']:.3f}" in margins[0]
+    assert f"noise ceiling {ceiling['hvg_r']:.3f}" in margins[0]
+    assert "| mob | reference:ceiling | " in table and "| – |" in table
 
 
 def test_a_row_option_must_be_known(bench, mob_dir, tmp_path):
     sdata, fold_key, groups = bench.load("mob", mob_dir.parent, bench.Settings(max_spots=20))
     with pytest.raises(ValueError, match="no-section-norm"):
         bench.run_row("ridge:morphology:typo", sdata, fold_key, groups[0], bench.QUICK, tmp_path)
+    with pytest.raises(ValueError, match="reference:ceiling"):
+        bench.run_row("reference:typo", sdata, fold_key, groups[0], bench.QUICK, tmp_path)
 
 
 def test_folds_never_share_a_section_or_a_mouse(bench, mob_dir):

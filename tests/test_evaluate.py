@@ -127,6 +127,62 @@ def test_depth_partial_correlation_removes_depth():
     assert (pooled.loc[list("ABC"), "pearson"].abs() < 0.2).all()
 
 
+def _poisson_spots(depth_mean: float, seed: int = 0, n: int = 600, n_genes: int = 200):
+    """Counts sampled from known rates: a few shared spatial factors, log-normal depth."""
+    rng = np.random.default_rng(seed)
+    depth = rng.lognormal(np.log(depth_mean), 0.5, n)
+    base = rng.lognormal(0, 1.5, n_genes)
+    p = (base / base.sum()) * np.exp(rng.normal(size=(n, 3)) @ rng.normal(scale=0.5, size=(3, n_genes)))
+    rate = depth[:, None] * p / p.sum(axis=1, keepdims=True)
+    return rng, rate, rng.poisson(rate)
+
+
+@pytest.mark.parametrize(("depth_mean", "tolerance"), [(300, 0.06), (5000, 0.03)])  # a little optimistic when shallow
+def test_noise_ceiling_matches_the_correlation_with_the_noise_free_expression(depth_mean, tolerance):
+    from histoseq.tl._evaluate import noise_ceiling
+    from histoseq.tl._fit import transform_counts
+
+    rng, rate, counts = _poisson_spots(depth_mean)
+    cols = np.arange(40)
+    observed = transform_counts(sparse.csr_matrix(counts), "log1p_cp10k", cols)
+    # the best any prediction can do: the expected measurement given the true rates (Monte Carlo)
+    expected = np.mean([transform_counts(rng.poisson(rate), "log1p_cp10k", cols) for _ in range(100)], axis=0)
+    truth = np.array([np.corrcoef(observed[:, j], expected[:, j])[0, 1] for j in cols])
+    est = noise_ceiling(sparse.csr_matrix(counts), "log1p_cp10k", cols)
+    assert np.isfinite(est).all() and ((est >= 0) & (est <= 1)).all()
+    assert abs(est.mean() - truth.mean()) < tolerance
+    assert np.corrcoef(est, truth)[0, 1] > 0.9  # it ranks genes by their noise, too
+    # dense counts give the same estimate (other random splits)
+    np.testing.assert_allclose(noise_ceiling(counts, "log1p_cp10k", cols), est, atol=0.05)
+
+
+def test_noise_ceiling_in_evaluate_and_its_errors():
+    from histoseq.tl._evaluate import noise_ceiling
+
+    _, _, deep = _poisson_spots(20000, seed=1, n=300, n_genes=30)
+    _, _, shallow = _poisson_spots(200, seed=1, n=300, n_genes=30)
+    assert noise_ceiling(deep, "log1p_cp10k").mean() > noise_ceiling(shallow, "log1p_cp10k").mean() + 0.2
+    table = depth_table(2)
+    scores = hs.tl.evaluate(table, ceiling=True)
+    assert list(scores.columns) == [*COLUMNS[:-1], "pearson_ceiling", "in_training"]
+    c = scores["pearson_ceiling"].to_numpy()
+    assert ((c[np.isfinite(c)] >= 0) & (c[np.isfinite(c)] <= 1)).all()
+    pooled = scores[scores["section"] == "all"].set_index("gene")
+    genes = list(pooled.index)
+    np.testing.assert_allclose(table.var.loc[genes, "predicted_pearson_ceiling"], pooled["pearson_ceiling"])
+    assert np.isnan(table.var.loc["REST", "predicted_pearson_ceiling"])  # not predicted, not scored
+    assert table.uns["predicted_scores"]["pearson_ceiling_mean"] == pytest.approx(pooled["pearson_ceiling"].mean())
+    assert "pearson_ceiling" not in hs.tl.evaluate(table, key_added="plain").columns
+    # normalised (non-integer) counts cannot be split into molecules: a clear error, nothing written
+    table = depth_table(2)
+    table.X = sparse.csr_matrix(table.X.toarray() * 0.37)
+    with pytest.raises(ValueError, match="raw integer counts"):
+        hs.tl.evaluate(table, ceiling=True)
+    assert "predicted_pearson" not in table.var and "predicted_scores" not in table.uns
+    with pytest.raises(ValueError, match="n_repeats"):
+        noise_ceiling(deep, None, n_repeats=0)
+
+
 def test_constant_gene_within_one_section_gives_nan_there():
     table = depth_table(1)
     X = table.X.toarray()

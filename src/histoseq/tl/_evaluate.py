@@ -149,6 +149,97 @@ def _depth(counts: Any) -> np.ndarray:
     return np.log1p(np.asarray(counts.sum(axis=1), dtype=np.float64).ravel())
 
 
+def noise_ceiling(
+    counts: Any,
+    transform: str | None,
+    columns: np.ndarray | None = None,
+    *,
+    n_repeats: int = 5,
+    random_state: int | None = 0,
+) -> np.ndarray:
+    """Estimated highest Pearson r that any prediction could reach on these spots, gene by gene.
+
+    Sequencing samples a few molecules of each gene in each spot, so the measured expression of a spot is its
+    true expression plus counting noise, and no prediction, however good, correlates with the measurement
+    better than the true expression does. That bound is estimated from the counts alone by splitting
+    them in two: every molecule goes to one half or the other with probability ½ (binomial thinning),
+    which gives two independent measurements of the same spots at half the depth. Their correlation
+    ``r_half`` (after ``transform``, each half normalised by its own total), stepped up to full depth
+    with the Spearman–Brown formula, is the reliability ``ρ = 2 r_half / (1 + r_half)``, and the ceiling
+    is ``√ρ``, the correlation of a measurement with its own noise-free value.
+
+    It is an estimate: it assumes independent (Poisson-like) sampling of the counted molecules, and it is a
+    little optimistic for very shallow genes. A gene constant over the spots gets NaN.
+
+    Parameters
+    ----------
+    counts
+        Raw integer counts, ``(n_spots, n_genes)``, dense or sparse (all genes: ``"log1p_cp10k"`` normalises
+        by each spot's total).
+    transform
+        The target transform (``"log1p_cp10k"``, ``"log1p"`` or ``None``), as in the model.
+    columns
+        Genes to score (column positions); all by default.
+    n_repeats
+        Random splits averaged.
+    random_state
+        Seed of the splits.
+
+    Returns
+    -------
+    ``(n_genes,)`` ceilings in [0, 1] (NaN where undefined).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from histoseq.tl._evaluate import noise_ceiling
+    >>> rng = np.random.default_rng(0)
+    >>> rate = np.exp(rng.normal(size=(500, 1)) + np.zeros((1, 20)))  # one pattern, 20 genes
+    >>> counts = rng.poisson(20 * rate)  # deep: little counting noise
+    >>> bool(noise_ceiling(counts, None).mean() > 0.9)
+    True
+
+    """
+    from scipy import sparse
+
+    from ._fit import _check_counts
+
+    _check_counts(counts)
+    values = counts.data if sparse.issparse(counts) else np.asarray(counts)
+    if values.size and not np.array_equal(values, np.round(values)):
+        raise ValueError(
+            "The noise ceiling splits the counted molecules in two, so it needs raw integer counts; these counts "
+            "are not integers (normalised?). Put the raw counts in `X` (e.g. `adata.X = adata.layers['counts']`)."
+        )
+    if int(n_repeats) < 1:
+        raise ValueError(f"`n_repeats` must be at least 1, got {n_repeats!r}.")
+    cols = np.arange(counts.shape[1]) if columns is None else np.asarray(columns, dtype=int)
+    if counts.shape[0] < 3:
+        return np.full(len(cols), np.nan)
+    rng = np.random.default_rng(random_state)
+    total = np.zeros(len(cols))
+    found = np.zeros(len(cols))
+    for _ in range(int(n_repeats)):
+        if sparse.issparse(counts):
+            a = sparse.csr_matrix(counts, dtype=np.float64, copy=True)
+            a.data = rng.binomial(np.round(a.data).astype(np.int64), 0.5).astype(np.float64)
+            b = sparse.csr_matrix(counts, dtype=np.float64) - a
+        else:
+            full = np.round(np.asarray(counts, dtype=np.float64)).astype(np.int64)
+            a = rng.binomial(full, 0.5).astype(np.float64)
+            b = full - a
+        r = _column_pearson(
+            transform_counts(a, transform, cols, check=False), transform_counts(b, transform, cols, check=False)
+        )
+        ok = np.isfinite(r)
+        total[ok] += r[ok]
+        found[ok] += 1
+    with np.errstate(invalid="ignore", divide="ignore"):
+        r_half = np.where(found > 0, total / np.maximum(found, 1), np.nan)
+        rho = 2 * r_half / (1 + r_half)
+    return np.sqrt(np.clip(rho, 0.0, 1.0))
+
+
 # --------------------------------------------------------------------------------------------------
 # evaluate
 # --------------------------------------------------------------------------------------------------
@@ -166,6 +257,7 @@ def evaluate(
     spots: Any = None,
     groups: str | None = "sample_id",
     key_added: str | None = None,
+    ceiling: bool = False,
 ) -> pd.DataFrame:
     """Score predicted expression against the measured counts, gene by gene and section by section.
 
@@ -186,6 +278,11 @@ def evaluate(
       or ``"log1p"`` (no depth normalisation), the gap between the two scores is the share of the
       raw score that is depth.
 
+    With ``ceiling=True``, also ``pearson_ceiling``: the estimated highest Pearson r that any prediction
+    could reach on those spots, given the counting noise of the measurement (:func:`noise_ceiling`, from
+    two random halves of each spot's molecules). It needs raw integer counts. A mean r of 0.15 means little
+    on its own; 0.15 against a ceiling of 0.4 says the model finds a good part of what the data can show.
+
     A gene constant over a section (in truth or prediction) gets NaN correlations there, not an error.
     Scores on training spots are optimistic: evaluating sections that the model was trained on is allowed
     but logged as a warning, and flagged in the ``in_training`` column.
@@ -205,6 +302,8 @@ def evaluate(
         Column of ``obs`` with section labels, scored separately; ``None`` for the pooled score only.
     key_added
         Prefix of the written scores (default: ``layer``).
+    ceiling
+        Also estimate each gene's noise ceiling (``pearson_ceiling``; five random splits, seed 0).
 
     Returns
     -------
@@ -212,9 +311,11 @@ def evaluate(
     ``n_spots``, ``pearson``, ``spearman``, ``mse``, ``pearson_partial_depth``, ``in_training``), the
     pooled rows having ``section == "all"``. Also sets ``table.var[f"{key}_pearson"]``,
     ``[f"{key}_spearman"]``, ``[f"{key}_mse"]`` and ``[f"{key}_pearson_partial_depth"]`` (pooled scores;
-    NaN for genes without predictions) and ``table.uns[f"{key}_scores"]`` (``pearson_mean``,
+    NaN for genes without predictions; with ``ceiling=True`` also ``[f"{key}_pearson_ceiling"]``) and
+    ``table.uns[f"{key}_scores"]`` (``pearson_mean``,
     ``pearson_median``, ``n_genes_pearson_positive``, ``spearman_mean``, ``mse_mean``,
-    ``pearson_partial_depth_mean``, ``n_genes``, ``n_spots``, ``pearson_mean_by_section``, ``params``),
+    ``pearson_partial_depth_mean``, ``n_genes``, ``n_spots``, ``pearson_mean_by_section``, ``params``; with
+    ``ceiling=True`` also ``pearson_ceiling_mean``),
     with ``key = key_added or layer``.
 
     Examples
@@ -273,6 +374,15 @@ def evaluate(
     counts = table.X[rows]
     truth = transform_counts(counts, transform, cols)  # raises on NaN counts, before anything is written
     scores = _score_table(pred_all[rows], truth, _depth(counts), genes, None if labels is None else labels[rows])
+    metrics = list(METRICS)
+    if ceiling:
+        sub_labels = None if labels is None else labels[rows]
+        parts = []
+        for section in scores["section"].unique():  # in the order of the table: sections, then "all"
+            mask = slice(None) if section == "all" else sub_labels == section
+            parts.append(noise_ceiling(counts[mask], transform, cols))  # raises on non-integer counts
+        scores["pearson_ceiling"] = np.concatenate(parts)
+        metrics.append("pearson_ceiling")
 
     trained_on = set(np.asarray(info.get("train_groups", [])).astype(str).tolist())
     same_groups = groups is not None and str(info.get("groups", "")) == groups
@@ -290,11 +400,13 @@ def evaluate(
 
     key = key_added or layer
     pooled = scores[scores["section"] == "all"].set_index("gene")
-    for m in METRICS:
+    for m in metrics:
         col = np.full(table.n_vars, np.nan)
         col[cols] = pooled.loc[genes, m].to_numpy(float)
         table.var[f"{key}_{m}"] = col
     summary = _summary(scores)
+    if ceiling:
+        summary["pearson_ceiling_mean"] = _nan_stat(np.nanmean, pooled["pearson_ceiling"].to_numpy(float))
     summary["params"] = {"layer": layer, "groups": groups or "", "target_transform": transform or "none"}
     table.uns[f"{key}_scores"] = summary
     if tkey is not None:
