@@ -16,7 +16,8 @@ see nothing of the held-out section. Frozen encoders (hand-crafted morphology, I
 from the data, so their embeddings are computed once for all spots.
 
 A row ``method:encoder`` fits ``hs.tl.fit(method=...)`` on that encoder's embedding with the
-library's defaults, including the per-section standardisation of the embedding; the suffix
+library's defaults (``encoder_a+encoder_b``: both embeddings as one, ``hs.tl.fit(embedding=[a, b])``),
+including the per-section standardisation of the embedding; the suffix
 ``:no-section-norm`` turns that off (``section_norm=False``). The HEST rows never use it.
 
 Each row prints, averaged over folds, for both gene sets: the mean Pearson over genes of the held-out
@@ -59,6 +60,8 @@ DEFAULT_ROWS = (
     "ridge:morphology",
     "ridge:imagenet",
     "kernel:imagenet",
+    "kernel:imagenet_context",
+    "kernel:morphology_context+imagenet_context",
     "ridge:autoencoder",
     "ridge:simclr",
     "kernel:simclr",
@@ -96,6 +99,7 @@ FROZEN = {
     "morphology": {"encoder": "morphology", "patch_size_um": 112.0, "patch_px": 224},
     "morphology_context": None,  # the default embedding of hs.tl.fit (EMBEDDING_PRESETS), filled in below
     "imagenet": {"encoder": "imagenet", "patch_size_um": 224.0, "patch_px": 224},
+    "imagenet_context": {"encoder": "imagenet", "patch_size_um": (224.0, 448.0), "patch_px": 224},
 }
 PRETRAINED = {"autoencoder", "simclr"}
 
@@ -274,8 +278,8 @@ def run_row(row: str, sdata, fold_key: str, test_group: str, settings: Settings,
         kwargs["max_epochs"] = settings.cnn_epochs
     elif encoder in PRETRAINED:
         embedding = _embed_pretrained(sdata, encoder, train_sections, settings, tmp)
-    else:
-        embedding = _embed_frozen(sdata, encoder)
+    else:  # "a+b": the embeddings a and b as one (hs.tl.fit with a list of keys)
+        embedding = "+".join(_embed_frozen(sdata, part) for part in encoder.split("+"))
     if method in ("mlp", "contrastive"):
         kwargs["max_epochs"] = settings.mlp_epochs
     if embedding is not None:
@@ -367,7 +371,14 @@ def markdown(summary) -> str:
 
 
 def margins(summary) -> str:
-    """How far the default row is from the best other model (controls and reference rows aside)."""
+    """How far the default row is from the other models (controls and reference rows aside).
+
+    Two comparisons: with the best other row on the default embedding (other methods, and the default
+    without its options), which says whether the default *method* is the best; and with the best row of
+    all, which may read other embeddings (an optional extra, such as ImageNet weights, that ``hs.tl.fit``
+    cannot assume).
+    """
+    default_encoder = DEFAULT_ROW.split(":")[1]
     lines = []
     for name, part in summary.groupby("dataset", sort=False):
         rows = part.set_index("row")
@@ -376,18 +387,22 @@ def margins(summary) -> str:
         others = rows.drop(
             index=[r for r in rows.index if r == DEFAULT_ROW or r.startswith(("control:", "ridge_hest:", "reference:"))]
         )
+        same = others[[r.split(":")[1] == default_encoder for r in others.index]]
         d = rows.loc[DEFAULT_ROW]
         for gene_set in GENE_SETS:
             col = f"{gene_set}_r"
             if others.empty:
                 continue
-            best = others[col].idxmax()
             depth = rows.loc["control:depth", col] if "control:depth" in rows.index else float("nan")
-            line = (
-                f"{name} {gene_set}: default {d[col]:.3f} (depth-partial {d[f'{gene_set}_r_partial']:.3f}); "
-                f"best other {best} {others.loc[best, col]:.3f} (default {d[col] - others.loc[best, col]:+.3f}); "
-                f"log total counts alone {depth:.3f}"
-            )
+            line = f"{name} {gene_set}: default {d[col]:.3f} (depth-partial {d[f'{gene_set}_r_partial']:.3f})"
+            if not same.empty:
+                best = same[col].idxmax()
+                line += f"; best other on {default_encoder} {best} {same.loc[best, col]:.3f} "
+                line += f"(default {d[col] - same.loc[best, col]:+.3f})"
+            best = others[col].idxmax()
+            gap = d[col] - others.loc[best, col]
+            line += f"; best other row {best} {others.loc[best, col]:.3f} (default {gap:+.3f})"
+            line += f"; log total counts alone {depth:.3f}"
             if "reference:ceiling" in rows.index:
                 top = rows.loc["reference:ceiling", col]
                 line += f"; noise ceiling {top:.3f} (the default reaches {d[col] / top:.0%} of it)"

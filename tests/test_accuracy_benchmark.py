@@ -29,7 +29,7 @@ def test_mob_one_fold_every_kind_of_row(bench, mob_dir, tmp_path, monkeypatch):
     settings = replace(bench.QUICK, max_spots=90, cnn_epochs=2, pretrain_tiles=64, pretrain_epochs=1, mlp_epochs=10)
     rows = [bench.DEFAULT_ROW, f"ridge:morphology:{bench.NO_NORM}", "ridge_hest:morphology", "contrastive:morphology"]
     rows += ["ridge:autoencoder", "kernel:autoencoder", "cnn:small_cnn", "control:shuffled", "control:depth"]
-    rows += ["reference:ceiling"]
+    rows += ["kernel:morphology+morphology_context", "reference:ceiling"]
     csv = tmp_path / "results.csv"
     df = bench.run(["mob"], rows, mob_dir.parent, settings, log=lambda m: None, csv=csv)
     assert list(df["row"]) == rows
@@ -49,6 +49,8 @@ def test_mob_one_fold_every_kind_of_row(bench, mob_dir, tmp_path, monkeypatch):
     assert depth["hvg_r"] > 0.1
     assert abs(depth["hvg_r_partial"]) < 0.05 and abs(depth["top_r_partial"]) < 0.05
     assert default["hvg_r_partial"] > 0.1
+    # two embeddings as one (hs.tl.fit with a list of keys) learn like one
+    assert by_row.loc["kernel:morphology+morphology_context", "hvg_r"] > shuffled["hvg_r"] + 0.2
     # the noise ceiling fits no model: it bounds what any model can score on the held-out spots
     ceiling = by_row.loc["reference:ceiling"]
     for gene_set in ("hvg", "top"):

@@ -168,3 +168,77 @@ def test_a_kernel_width_at_the_grid_edge_is_reported_not_warned(caplog):
         caplog.clear()
         hs.tl.fit(table, genes=["WAVE"], embedding="X_e", alphas=[1e-6, 1e-5], progress=False)
     assert any("penalty chosen by cross-validation" in r.getMessage() for r in caplog.records)
+
+
+def test_an_embedding_of_several_parts_weighs_each_part_the_same(synthetic, tmp_path):
+    from test_fit import light_copy, snapshot
+
+    sdata = light_copy(synthetic)
+    table = sdata.tables["table"]
+    rng = np.random.default_rng(3)
+    table.obsm["X_small"] = table.obsm["X_e"][:, :12]  # the signal, in 12 dims
+    table.obsm["X_wide"] = rng.normal(size=(table.n_obs, 300))  # a wide encoder that sees nothing here
+    table.obsm["X_joined"] = np.c_[table.obsm["X_small"], table.obsm["X_wide"]]
+    test = (table.obs["sample_id"] == "section2").to_numpy()
+    genes = list(table.var_names[table.var["learnable"].to_numpy()])[:8]
+    truth = transform_counts(table.X[test], "log1p_cp10k", table.var_names.get_indexer(genes))
+    kw = {"genes": genes, "train": ["section0", "section1"], "progress": False}
+
+    def score(model):
+        pred = hs.tl.predict(sdata, model, inplace=False)[test.nonzero()[0]]
+        return float(np.nanmean(_column_pearson(np.asarray(pred[:, genes].X, float), truth)))
+
+    parts = hs.tl.fit(sdata, embedding=["X_small", "X_wide"], **kw)
+    joined = hs.tl.fit(sdata, embedding="X_joined", **kw)
+    # one kernel over the plain concatenation is ruled by the 300 noise dimensions; parts weigh the same
+    assert score(parts) > 0.4 and score(parts) > score(joined) + 0.1
+    assert parts.embedding == "X_small+X_wide" and parts.n_features == 312
+    assert parts.config["blocks"] == [12, 300] and "blocks" not in joined.config
+    assert set(parts.embedding_params["parts"]) == {"X_small", "X_wide"}
+    # the "+" spelling is the same model; saving and loading keeps the parts
+    same = hs.tl.fit(sdata, embedding="X_small + X_wide", **kw)
+    np.testing.assert_allclose(
+        same.predict_embeddings(table.obsm["X_joined"]), parts.predict_embeddings(table.obsm["X_joined"])
+    )
+    loaded = hs.tl.load_model(parts.save(tmp_path / "parts"))
+    np.testing.assert_allclose(
+        loaded.predict_embeddings(table.obsm["X_joined"]), parts.predict_embeddings(table.obsm["X_joined"]), rtol=1e-6
+    )
+    # the linear methods read the concatenation
+    assert hs.tl.fit(sdata, embedding=["X_small", "X_wide"], method="ridge", **kw).n_features == 312
+    # prediction needs every part, and says which one is missing
+    del table.obsm["X_wide"]
+    with pytest.raises(KeyError, match="X_wide"):
+        hs.tl.predict(sdata, parts)
+    before = snapshot(sdata)
+    for bad in ([], ["X_small", "X_small"], "X_small+"):
+        with pytest.raises(ValueError, match="several distinct"):
+            hs.tl.fit(sdata, embedding=bad, **kw)
+    with pytest.raises(TypeError, match="several parts"):
+        hs.tl.fit(sdata, embedding=["X_small", "X_other"], embed_kwargs={"patch_px": 64}, **kw)
+    assert snapshot(sdata) == before
+
+
+def test_several_parts_from_several_slides_and_computed_when_absent(synthetic):
+    from test_fit import light_copy
+
+    a, b = light_copy(synthetic), light_copy(synthetic)
+    for s in (a, b):
+        s.tables["table"].obsm["X_small"] = s.tables["table"].obsm["X_e"][:, :12]
+    assert hs.tl.fit([a, b], genes=4, embedding=["X_small", "X_e"], progress=False).config["blocks"] == [12, 16]
+    # a missing part is computed from the images, at fit and again at predict
+    slide = hs.datasets.synthetic(n_sections=2, section_size_um=600, random_state=2, progress=False)
+    table = slide.tables["table"]
+    table.obsm["X_rand"] = np.random.default_rng(0).normal(size=(table.n_obs, 5))
+    model = hs.tl.fit(slide, genes=4, embedding=["X_rand", "X_morphology"], embed_kwargs=None, progress=False)
+    assert model.embedding_params["parts"]["X_morphology"]["encoder"] == "morphology"
+    dims = table.obsm["X_morphology"].shape[1]
+    assert model.config["blocks"] == [5, dims]
+    del table.obsm["X_morphology"]
+    pred = hs.tl.predict(slide, model, inplace=False)
+    assert np.isfinite(pred.X).all() and table.obsm["X_morphology"].shape[1] == dims
+    # a part that cannot be computed fails the fit, and the parts computed before it are removed again
+    del table.obsm["X_morphology"], table.uns["morphology"]
+    with pytest.raises(KeyError, match="X_nope"):
+        hs.tl.fit(slide, genes=4, embedding=["X_morphology", "X_nope"], progress=False)
+    assert "X_morphology" not in table.obsm and "morphology" not in table.uns

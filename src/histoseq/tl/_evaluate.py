@@ -15,6 +15,7 @@ from ._fit import (
     DEFAULT_METHOD,
     ExpressionModel,
     _column_pearson,
+    _embedding_key,
     _embedding_matrix,
     _ensure_embeddings,
     _group_labels,
@@ -490,7 +491,7 @@ def cross_validate(
     donor_key: str | None = None,
     genes: int | Sequence[str] = 50,
     method: str = DEFAULT_METHOD,
-    embedding: str = DEFAULT_EMBEDDING,
+    embedding: str | Sequence[str] = DEFAULT_EMBEDDING,
     table_key: str | None = "table",
     target_transform: str | None = "log1p_cp10k",
     key_added: str | None = None,
@@ -524,7 +525,8 @@ def cross_validate(
     method
         Any method of :func:`histoseq.tl.fit` (default ``"kernel"``).
     embedding
-        Key of the embedding in ``obsm``. When the table lacks it, it is computed first for all spots, as
+        Key of the embedding in ``obsm`` (or several, as in :func:`histoseq.tl.fit`). When the table lacks
+        it, it is computed first for all spots, as
         :func:`histoseq.tl.fit` does (frozen encoders learn nothing from the data, so this leaks nothing;
         ``embed_kwargs=`` passes options). Ignored by ``method="cnn"``, which reads the patches.
     table_key
@@ -582,6 +584,7 @@ def cross_validate(
     if method == "cnn":  # the network reads the patches: no embedding
         X_emb = None
     else:  # a frozen embedding learns nothing from the data: computing it for all spots at once leaks nothing
+        embedding = _embedding_key(embedding)
         _ensure_embeddings([sdata], tkey, embedding, fit_kwargs.pop("embed_kwargs", None), random_state, progress)
         table = sdata.tables[tkey]
         X_emb = _embedding_matrix(table, embedding, f"Table {tkey!r}")

@@ -284,7 +284,30 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
+#: Joins the ``obsm`` keys of an embedding made of several (``"X_morphology_context+X_imagenet"``).
+PART_SEPARATOR = "+"
+
+
+def _embedding_parts(embedding: str) -> list[str]:
+    """The ``obsm`` keys that make up an embedding key (one, or several joined by ``+``)."""
+    return [p.strip() for p in embedding.split(PART_SEPARATOR)]
+
+
+def _embedding_key(embedding: str | Sequence[str]) -> str:
+    """One embedding key from a key or a list of keys (checked: non-empty, no repeats)."""
+    parts = _embedding_parts(embedding) if isinstance(embedding, str) else [str(p).strip() for p in embedding]
+    if not parts or any(not p or PART_SEPARATOR in p for p in parts) or len(set(parts)) < len(parts):
+        raise ValueError(
+            f"`embedding` must name one `obsm` key or several distinct ones (a list, or joined by "
+            f"{PART_SEPARATOR!r}); got {embedding!r}."
+        )
+    return PART_SEPARATOR.join(parts)
+
+
 def _embedding_params(table: ad.AnnData, embedding: str) -> dict[str, Any]:
+    parts = _embedding_parts(embedding)
+    if len(parts) > 1:
+        return {"parts": {p: _embedding_params(table, p) for p in parts}}
     entry = table.uns.get(_embedding_name(embedding))
     if isinstance(entry, Mapping) and isinstance(entry.get("params"), Mapping):
         return _jsonable(entry["params"])
@@ -299,7 +322,16 @@ def _missing_embedding_error(embedding: str, where: str) -> KeyError:
     )
 
 
+def _embedding_dims(table: ad.AnnData, embedding: str, where: str) -> list[int]:
+    """Dimension of each part of an embedding."""
+    return [_embedding_matrix(table, p, where).shape[1] for p in _embedding_parts(embedding)]
+
+
 def _embedding_matrix(table: ad.AnnData, embedding: str, where: str) -> np.ndarray:
+    """The embedding as a float64 ``(spots, dims)`` array; an embedding of several parts is their concatenation."""
+    parts = _embedding_parts(embedding)
+    if len(parts) > 1:
+        return np.hstack([_embedding_matrix(table, p, where) for p in parts])
     if embedding not in table.obsm:
         raise _missing_embedding_error(embedding, where)
     x = table.obsm[embedding]
@@ -326,29 +358,34 @@ def _concat_tables(tables: list[ad.AnnData], embedding: str | None, groups: str 
                 f"The tables do not share their genes: table {i} has {len(extra)} gene(s) more (e.g. {extra[:3]}) "
                 f"and {len(lacking)} fewer (e.g. {lacking[:3]}) than table 0. Subset them to common genes first."
             )
-    xs, embs, obs, spatial = [], [], [], []
+    parts = [] if embedding is None else _embedding_parts(embedding)
+    xs, obs, spatial = [], [], []
+    embs: dict[str, list[np.ndarray]] = {p: [] for p in parts}
     for i, t in enumerate(tables):
         order = t.var_names.get_indexer(genes)
         x = t.X[:, order]
         xs.append(sparse.csr_matrix(x) if sparse.issparse(x) else np.asarray(x))
-        if embedding is not None:
-            embs.append(_embedding_matrix(t, embedding, f"The table of SpatialData {i}"))
+        for part in parts:
+            embs[part].append(_embedding_matrix(t, part, f"The table of SpatialData {i}"))
         columns = {} if groups is None else {groups: _group_labels(t, groups)}
         regions = _region_labels(t)
         if regions is not None:
             columns[_REGION_COL] = [f"{i}:{r}" for r in regions]
         obs.append(pd.DataFrame(columns, index=[f"{i}:{name}" for name in t.obs_names]))
         spatial.append(np.asarray(t.obsm["spatial"], float)[:, :2] if "spatial" in t.obsm else None)
-    dims = {e.shape[1] for e in embs}
-    if len(dims) > 1:
-        raise ValueError(f"The embeddings `obsm[{embedding!r}]` of the tables differ in dimension: {sorted(dims)}.")
-    params = [_embedding_params(t, embedding) for t in tables] if embedding is not None else [{}]
-    if any(p != params[0] for p in params[1:]):
-        logger.warning(
-            "The embeddings `obsm[%r]` of the tables were made with different parameters; a model trained on them "
-            "mixes encoders.",
-            embedding,
-        )
+    params: dict[str, dict[str, Any]] = {}
+    for part in parts:
+        dims = {e.shape[1] for e in embs[part]}
+        if len(dims) > 1:
+            raise ValueError(f"The embeddings `obsm[{part!r}]` of the tables differ in dimension: {sorted(dims)}.")
+        each = [_embedding_params(t, part) for t in tables]
+        if any(p != each[0] for p in each[1:]):
+            logger.warning(
+                "The embeddings `obsm[%r]` of the tables were made with different parameters; a model trained on "
+                "them mixes encoders.",
+                part,
+            )
+        params[part] = each[0]
     obs_df = pd.concat(obs)
     if groups is not None:
         per_object = [set(o[groups]) for o in obs]
@@ -360,9 +397,9 @@ def _concat_tables(tables: list[ad.AnnData], embedding: str | None, groups: str 
     out = ad.AnnData(X=X, obs=obs_df, var=pd.DataFrame(index=genes.copy()))
     if all(s is not None for s in spatial):
         out.obsm["spatial"] = np.vstack(spatial)
-    if embedding is not None:
-        out.obsm[embedding] = np.vstack(embs)
-        out.uns[_embedding_name(embedding)] = {"params": params[0]}
+    for part in parts:
+        out.obsm[part] = np.vstack(embs[part])
+        out.uns[_embedding_name(part)] = {"params": params[part]}
     return out
 
 
@@ -867,8 +904,9 @@ class ExpressionModel:
     target_transform
         Transform of the counts it predicts (``"log1p_cp10k"``, ``"log1p"`` or ``None``).
     embedding
-        The ``obsm`` key of the embedding it reads, and :attr:`embedding_params`, the parameters that
-        made it (``uns[name]['params']``); ``None`` for a ``"cnn"`` model, which reads patches (its
+        The ``obsm`` key of the embedding it reads (several joined by ``"+"``: their concatenation), and
+        :attr:`embedding_params`, the parameters that made it (``uns[name]['params']``; for several, one
+        entry per key under ``"parts"``); ``None`` for a ``"cnn"`` model, which reads patches (its
         encoder and patch size are in :attr:`config`).
     provenance
         How it was trained: training groups and spots, penalty and cross-validation scores (ridge), best
@@ -1442,6 +1480,21 @@ def _ensure_embeddings(
 
     from ._embed import embed, list_encoders
 
+    parts = _embedding_parts(embedding)
+    if len(parts) > 1:
+        if embed_kwargs:
+            raise TypeError(
+                "`embed_kwargs` sets the options of one embedding, but `embedding` has several parts "
+                f"{parts}: compute them first with `hs.tl.embed(..., key_added=...)`."
+            )
+        done: list[tuple[Any, str, str, bool, Any]] = []
+        try:
+            for part in parts:
+                done += _ensure_embeddings(objects, table_key, part, None, random_state, progress)
+        except BaseException:
+            _undo_embeddings(done)
+            raise
+        return done
     lacking = []
     for obj in objects:
         if isinstance(obj, ad.AnnData):
@@ -1491,7 +1544,7 @@ def fit(
     *,
     genes: int | Sequence[str] = 50,
     method: Method = DEFAULT_METHOD,
-    embedding: str = DEFAULT_EMBEDDING,
+    embedding: str | Sequence[str] = DEFAULT_EMBEDDING,
     section_norm: bool = True,
     train: Sequence[str] | np.ndarray | None = None,
     table_key: str | None = "table",
@@ -1602,7 +1655,12 @@ def fit(
     method
         ``"kernel"``, ``"ridge"``, ``"ridge_hest"``, ``"mlp"``, ``"cnn"`` or ``"contrastive"``.
     embedding
-        Key of the embedding in ``obsm`` (not used by ``"cnn"``).
+        Key of the embedding in ``obsm`` (not used by ``"cnn"``), or several keys (a list, or joined by
+        ``"+"``) read as one concatenated embedding, e.g. ``["X_morphology_context", "X_imagenet"]``: the
+        hand-crafted features and a CNN's see different things. Each part is computed when absent (as
+        above, without ``embed_kwargs``) and recorded with its parameters. The kernel method weighs every
+        part the same, whatever its dimension (:func:`~histoseq.tl._fit_kernel.kernel_matrix`); the other
+        methods read the concatenation. Prediction needs all the parts.
     section_norm
         Standardise the embedding within each section (see above; not used by ``"cnn"``).
     train
@@ -1677,6 +1735,8 @@ def fit(
     if method not in NETWORK_METHODS and max_epochs is not None:
         logger.warning("`max_epochs` only applies to the methods %s; ignored.", list(NETWORK_METHODS))
     images = method in IMAGE_METHODS
+    if not images:
+        embedding = _embedding_key(embedding)
     is_list = isinstance(sdata, Sequence) and not isinstance(sdata, str)
     objects = list(sdata) if is_list else [sdata]
     if is_list and not objects:
@@ -1817,7 +1877,10 @@ def _fit(
     elif method == "kernel":
         from ._fit_kernel import fit_kernel
 
-        arrays, config, info = fit_kernel(X, Y, lab, reg, coords, random_state=random_state, **method_kwargs)
+        blocks = _embedding_dims(table, embedding, source) if len(_embedding_parts(embedding)) > 1 else None
+        arrays, config, info = fit_kernel(
+            X, Y, lab, reg, coords, random_state=random_state, blocks=blocks, **method_kwargs
+        )
     else:
         arrays, config, info = _fit_ridge(
             X, Y, lab, reg, coords, hest=method == "ridge_hest", random_state=random_state, **method_kwargs
@@ -1908,46 +1971,53 @@ def _find_embed() -> Any:
 
 def _prediction_embedding(sdata: SpatialData, tkey: str, model: ExpressionModel) -> np.ndarray:
     """The model's embedding of the table's spots, computed with :func:`histoseq.tl.embed` when absent."""
-    table = sdata.tables[tkey]
     key = model.embedding
-    if key not in table.obsm:
-        embed = _find_embed()
-        params = model.embedding_params
-        if embed is None or "encoder" not in params:
-            raise _missing_embedding_error(key, f"Table {tkey!r}")
-        accepted = inspect.signature(embed).parameters
-        skip = {"sdata", "table_key", "inplace", "spots", "image_key", "shapes_key", "progress"}
-        kwargs = {k: v for k, v in params.items() if k in accepted and k not in skip}
-        logger.info(
-            "Table %r has no `obsm[%r]`: computing it with hs.tl.embed(encoder=%r).", tkey, key, params["encoder"]
-        )
-        embed(sdata, table_key=tkey, **kwargs)
-        table = sdata.tables[tkey]
-        if key not in table.obsm:
-            raise _missing_embedding_error(key, f"Table {tkey!r} (after hs.tl.embed)")
+    parts = _embedding_parts(key)
+    trained = model.embedding_params
+    params_of = {key: trained} if len(parts) == 1 else dict(trained.get("parts", {}))
+    for part in parts:
+        _ensure_prediction_part(sdata, tkey, part, params_of.get(part, {}))
+    table = sdata.tables[tkey]
     X = _embedding_matrix(table, key, f"Table {tkey!r}")
     if X.shape[1] != model.n_features:
         raise ValueError(
             f"`obsm[{key!r}]` of table {tkey!r} has {X.shape[1]} dimensions, but the model was trained on "
             f"{model.n_features}: it was made by another encoder. Recompute it with the model's encoder "
-            f"({model.embedding_params.get('encoder', 'see model.embedding_params')})."
+            f"({trained.get('encoder', 'see model.embedding_params')})."
         )
-    here, there = _embedding_params(table, key), model.embedding_params
-    if here and there and here != there:
-        if "encoder" in here and "encoder" in there and here["encoder"] != there["encoder"]:
-            raise ValueError(
-                f"`obsm[{key!r}]` of table {tkey!r} was made by encoder {here['encoder']!r}, but the model was "
-                f"trained on encoder {there['encoder']!r}. Recompute the embedding with the model's encoder."
-            )
-        diff = sorted(k for k in set(here) | set(there) if here.get(k) != there.get(k) and k not in _RUN_PARAMS)
-        if diff:
-            logger.warning(
-                "The embedding `obsm[%r]` was made with other parameters than the model's training embedding "
-                "(differing: %s); predictions may be off.",
-                key,
-                diff,
-            )
+    for part in parts:
+        here, there = _embedding_params(table, part), params_of.get(part, {})
+        if here and there and here != there:
+            if "encoder" in here and "encoder" in there and here["encoder"] != there["encoder"]:
+                raise ValueError(
+                    f"`obsm[{part!r}]` of table {tkey!r} was made by encoder {here['encoder']!r}, but the model was "
+                    f"trained on encoder {there['encoder']!r}. Recompute the embedding with the model's encoder."
+                )
+            diff = sorted(k for k in set(here) | set(there) if here.get(k) != there.get(k) and k not in _RUN_PARAMS)
+            if diff:
+                logger.warning(
+                    "The embedding `obsm[%r]` was made with other parameters than the model's training embedding "
+                    "(differing: %s); predictions may be off.",
+                    part,
+                    diff,
+                )
     return X
+
+
+def _ensure_prediction_part(sdata: SpatialData, tkey: str, key: str, params: Mapping[str, Any]) -> None:
+    """Compute ``obsm[key]`` with :func:`histoseq.tl.embed` and the training ``params`` when the table lacks it."""
+    if key in sdata.tables[tkey].obsm:
+        return
+    embed = _find_embed()
+    if embed is None or "encoder" not in params:
+        raise _missing_embedding_error(key, f"Table {tkey!r}")
+    accepted = inspect.signature(embed).parameters
+    skip = {"sdata", "table_key", "inplace", "spots", "image_key", "shapes_key", "progress"}
+    kwargs = {k: v for k, v in params.items() if k in accepted and k not in skip}
+    logger.info("Table %r has no `obsm[%r]`: computing it with hs.tl.embed(encoder=%r).", tkey, key, params["encoder"])
+    embed(sdata, table_key=tkey, **kwargs)
+    if key not in sdata.tables[tkey].obsm:
+        raise _missing_embedding_error(key, f"Table {tkey!r} (after hs.tl.embed)")
 
 
 def _prediction_info(model: ExpressionModel, **extra: Any) -> dict[str, Any]:
