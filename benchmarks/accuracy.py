@@ -99,16 +99,16 @@ FROZEN = {
     "morphology": {"encoder": "morphology", "patch_size_um": 112.0, "patch_px": 224},
     "morphology_context": None,  # the default embedding of hs.tl.fit (EMBEDDING_PRESETS), filled in below
     "imagenet": {"encoder": "imagenet", "patch_size_um": 224.0, "patch_px": 224},
-    "imagenet_context": {"encoder": "imagenet", "patch_size_um": (224.0, 448.0), "patch_px": 224},
+    "imagenet_context": None,  # EMBEDDING_PRESETS["X_imagenet_context"]: ImageNet at 224 and 448 µm
 }
 PRETRAINED = {"autoencoder", "simclr"}
 
 
 def _frozen(key: str) -> dict:
-    if key == "morphology_context":
+    if FROZEN[key] is None:  # a preset of hs.tl.fit
         from histoseq.tl._fit import EMBEDDING_PRESETS
 
-        return dict(EMBEDDING_PRESETS["X_morphology_context"])
+        return dict(EMBEDDING_PRESETS[f"X_{key}"])
     return FROZEN[key]
 
 

