@@ -99,7 +99,7 @@ FROZEN = {
     "morphology": {"encoder": "morphology", "patch_size_um": 112.0, "patch_px": 224},
     "morphology_context": None,  # the default embedding of hs.tl.fit (EMBEDDING_PRESETS), filled in below
     "imagenet": {"encoder": "imagenet", "patch_size_um": 224.0, "patch_px": 224},
-    "imagenet_context": None,  # EMBEDDING_PRESETS["X_imagenet_context"]: ImageNet at 224 and 448 µm
+    "imagenet_context": None,  # EMBEDDING_PRESETS["X_imagenet_context"]: ImageNet at 224, 448 and 800 µm
 }
 PRETRAINED = {"autoencoder", "simclr"}
 

@@ -256,5 +256,5 @@ def test_the_imagenet_context_preset_is_computed_as_a_part():
     table.obsm["X_rand"] = np.random.default_rng(0).normal(size=(table.n_obs, 3))
     model = hs.tl.fit(slide, genes=3, embedding=["X_rand", "X_imagenet_context"], progress=False)
     params = model.embedding_params["parts"]["X_imagenet_context"]
-    assert params["encoder"] == "efficientnet_lite0" and params["patch_size_um"] == [224.0, 448.0]
-    assert model.config["blocks"] == [3, 2 * 1280] and table.obsm["X_imagenet_context"].shape == (table.n_obs, 2560)
+    assert params["encoder"] == "efficientnet_lite0" and params["patch_size_um"] == [224.0, 448.0, 800.0]
+    assert model.config["blocks"] == [3, 3 * 1280] and table.obsm["X_imagenet_context"].shape == (table.n_obs, 3840)

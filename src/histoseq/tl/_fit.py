@@ -69,7 +69,7 @@ EMBEDDING_PRESETS: dict[str, dict[str, Any]] = {
     "X_morphology_context": {"encoder": "morphology", "patch_size_um": [224.0, 448.0, 800.0], "patch_px": 224},
     # ImageNet features at the spot and its context (needs histoseq[imagenet]); with the default embedding,
     # ``embedding=["X_morphology_context", "X_imagenet_context"]`` was the best row of benchmarks/accuracy.py
-    "X_imagenet_context": {"encoder": "imagenet", "patch_size_um": [224.0, 448.0], "patch_px": 224},
+    "X_imagenet_context": {"encoder": "imagenet", "patch_size_um": [224.0, 448.0, 800.0], "patch_px": 224},
 }
 DEFAULT_EMBEDDING = "X_morphology_context"
 
