@@ -325,9 +325,9 @@ def _missing_embedding_error(embedding: str, where: str) -> KeyError:
     )
 
 
-def _embedding_dims(table: ad.AnnData, embedding: str, where: str) -> list[int]:
-    """Dimension of each part of an embedding."""
-    return [_embedding_matrix(table, p, where).shape[1] for p in _embedding_parts(embedding)]
+def _embedding_dims(table: ad.AnnData, embedding: str) -> list[int]:
+    """Dimension of each part of an embedding (already read and checked by :func:`_embedding_matrix`)."""
+    return [int(np.shape(table.obsm[p])[1]) for p in _embedding_parts(embedding)]
 
 
 def _embedding_matrix(table: ad.AnnData, embedding: str, where: str) -> np.ndarray:
@@ -1880,7 +1880,7 @@ def _fit(
     elif method == "kernel":
         from ._fit_kernel import fit_kernel
 
-        blocks = _embedding_dims(table, embedding, source) if len(_embedding_parts(embedding)) > 1 else None
+        blocks = _embedding_dims(table, embedding) if len(_embedding_parts(embedding)) > 1 else None
         arrays, config, info = fit_kernel(
             X, Y, lab, reg, coords, random_state=random_state, blocks=blocks, **method_kwargs
         )
