@@ -17,8 +17,10 @@ from the data, so their embeddings are computed once for all spots.
 
 A row ``method:encoder`` fits ``hs.tl.fit(method=...)`` on that encoder's embedding with the
 library's defaults (``encoder_a+encoder_b``: both embeddings as one, ``hs.tl.fit(embedding=[a, b])``),
-including the per-section standardisation of the embedding; the suffix
-``:no-section-norm`` turns that off (``section_norm=False``). The HEST rows never use it.
+including the per-section rank normalisation of the embedding. Suffixes change one default (ablations):
+``:no-section-norm`` (``section_norm=False``), ``:standardise`` (``section_norm="standardise"``) and
+``:raw-targets`` (``target_neighbors=1``: the kernel trains on the raw targets, never on targets
+averaged over expression neighbours). The HEST rows never normalise by section.
 
 Each row prints, averaged over folds, for both gene sets: the mean Pearson over genes of the held-out
 section, the depth-partial Pearson (log total counts regressed out of prediction and truth) and the
@@ -49,11 +51,19 @@ DATASETS = ("her2st", "mob")
 GENE_SETS = {"hvg": "seurat", "top": "mean"}
 #: what ``hs.tl.fit`` does without ``method=`` and ``embedding=``
 DEFAULT_ROW = "kernel:morphology_context"
-#: row suffix that turns off the per-section standardisation of the embedding (``section_norm=False``)
+#: row suffix that turns off the per-section normalisation of the embedding (``section_norm=False``)
 NO_NORM = "no-section-norm"
-#: rows run by default (``method:encoder``, optionally ``:no-section-norm``), in the order of the table
+#: row suffixes (ablations of one default of ``hs.tl.fit``) and the options they pass
+ROW_OPTIONS = {
+    NO_NORM: {"section_norm": False},
+    "standardise": {"section_norm": "standardise"},
+    "raw-targets": {"target_neighbors": 1},
+}
+#: rows run by default (``method:encoder``, optionally ``:suffix``), in the order of the table
 DEFAULT_ROWS = (
     "kernel:morphology_context",
+    "kernel:morphology_context:standardise",
+    "kernel:morphology_context:raw-targets",
     f"kernel:morphology_context:{NO_NORM}",
     "ridge:morphology_context",
     f"ridge:morphology_context:{NO_NORM}",
@@ -252,8 +262,8 @@ def run_row(row: str, sdata, fold_key: str, test_group: str, settings: Settings,
     import histoseq as hs
 
     method, encoder, *option = row.split(":")
-    if option not in ([], [NO_NORM]):
-        raise ValueError(f"row {row!r}: the only option is {NO_NORM!r}")
+    if len(option) > 1 or (option and option[0] not in ROW_OPTIONS):
+        raise ValueError(f"row {row!r}: the options are one of {list(ROW_OPTIONS)}")
     table = sdata.tables["table"]
     test = table.obs[fold_key].astype(str).to_numpy() == test_group
     train = ~test
@@ -264,14 +274,18 @@ def run_row(row: str, sdata, fold_key: str, test_group: str, settings: Settings,
             raise ValueError(f"row {row!r}: the only reference row is 'reference:ceiling'")
         return ceiling(sdata, test, gene_sets, settings.random_state)
     kwargs: dict = {"random_state": settings.random_state, "progress": False}
-    if option or method == "ridge_hest":
+    if option:
+        kwargs.update(ROW_OPTIONS[option[0]])
+    if method == "ridge_hest":
         kwargs["section_norm"] = False
     fit_method = method
     if method == "control" and encoder == "shuffled":
         fit_method, default_encoder = DEFAULT_ROW.split(":")
         embedding = _shuffled(sdata, _embed_frozen(sdata, default_encoder), settings.random_state)
     elif method == "control":
+        # linear in the log depth of each section, as before the default became the rank normalisation
         fit_method, embedding = "ridge", _depth_key(sdata)
+        kwargs["section_norm"] = "standardise"
     elif method == "cnn":
         embedding = None
         kwargs.update(encoder=encoder, patch_size_um=224.0, patch_px=settings.patch_px_cnn)

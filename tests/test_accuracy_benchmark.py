@@ -30,6 +30,7 @@ def test_mob_one_fold_every_kind_of_row(bench, mob_dir, tmp_path, monkeypatch):
     rows = [bench.DEFAULT_ROW, f"ridge:morphology:{bench.NO_NORM}", "ridge_hest:morphology", "contrastive:morphology"]
     rows += ["ridge:autoencoder", "kernel:autoencoder", "cnn:small_cnn", "control:shuffled", "control:depth"]
     rows += ["kernel:morphology+morphology_context", "reference:ceiling"]
+    rows += [f"{bench.DEFAULT_ROW}:standardise", f"{bench.DEFAULT_ROW}:raw-targets"]
     csv = tmp_path / "results.csv"
     df = bench.run(["mob"], rows, mob_dir.parent, settings, log=lambda m: None, csv=csv)
     assert list(df["row"]) == rows
@@ -74,7 +75,7 @@ def test_mob_one_fold_every_kind_of_row(bench, mob_dir, tmp_path, monkeypatch):
 
 def test_a_row_option_must_be_known(bench, mob_dir, tmp_path):
     sdata, fold_key, groups = bench.load("mob", mob_dir.parent, bench.Settings(max_spots=20))
-    with pytest.raises(ValueError, match="no-section-norm"):
+    with pytest.raises(ValueError, match="raw-targets"):
         bench.run_row("ridge:morphology:typo", sdata, fold_key, groups[0], bench.QUICK, tmp_path)
     with pytest.raises(ValueError, match="reference:ceiling"):
         bench.run_row("reference:typo", sdata, fold_key, groups[0], bench.QUICK, tmp_path)

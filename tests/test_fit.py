@@ -9,7 +9,7 @@ import spatialdata as sd
 import torch
 
 import histoseq as hs
-from histoseq.tl._fit import _column_pearson, standardise_sections, transform_counts
+from histoseq.tl._fit import _column_pearson, rank_sections, transform_counts
 
 
 def _standin(func):
@@ -415,7 +415,7 @@ def test_contrastive_recovers_learnable_genes_and_predicts_by_retrieval(base):
     np.testing.assert_allclose(np.linalg.norm(a["reference_projection"], axis=1), 1, rtol=1e-5)
     # one spot by hand: project, take the 20 most similar references, softmax(similarity / T) weights
     test = np.flatnonzero(table.obs["sample_id"] == TEST)
-    X_test = standardise_sections(table.obsm["X_morphology"][test], None)  # the section's own statistics
+    X_test = rank_sections(table.obsm["X_morphology"][test], None)  # the section's own statistics
     z = (X_test[0] - a["scaler_mean"]) / a["scaler_scale"]
     with torch.no_grad():
         q = model._get_network()(torch.from_numpy(z[None].astype(np.float32))).numpy()[0].astype(float)

@@ -11,8 +11,9 @@ import pytest
 import spatialdata as sd
 
 import histoseq as hs
-from histoseq.tl._fit import _column_pearson, standardise_sections, transform_counts
-from histoseq.tl._fit_kernel import kernel_matrix
+from histoseq.tl._fit import _column_pearson, rank_sections, standardise_sections, transform_counts
+from histoseq.tl._fit_kernel import fit_kernel, kernel_matrix
+from histoseq.tl._targets import neighbor_genes, smooth_targets
 
 
 def nonlinear_table(n_per_group: int = 150, seed: int = 0) -> ad.AnnData:
@@ -58,7 +59,7 @@ def test_kernel_with_every_spot_a_landmark_is_exact_kernel_ridge():
     gamma, alpha = 0.7, 0.3
     model = hs.tl.fit(
         table, genes=["WAVE", "FLAT1"], embedding="X_e", train=train, gamma=gamma, alpha=alpha, section_norm=False,
-        progress=False,
+        target_neighbors=1, progress=False,
     )  # fmt: skip
     assert model.provenance["alpha_rule"] == "given"
     a = model._arrays
@@ -142,7 +143,29 @@ def test_section_norm_undoes_a_slide_wide_shift_of_the_embedding(synthetic):
     r_normed = np.nanmean(_column_pearson(normed.predict_embeddings(stained).astype(float), truth))
     r_raw = np.nanmean(_column_pearson(raw.predict_embeddings(stained).astype(float), truth))
     assert r_normed > 0.5 and r_normed > r_raw + 0.2
-    assert not raw.section_norm and "standardised within each section" in repr(normed)
+    assert not raw.section_norm and normed.section_norm == "rank"
+    assert "ranked (normal scores) within each section" in repr(normed)
+    # ranks also undo a distortion that bends each feature (a saturating stain), which standardising cannot
+    bent = np.tanh(X / np.abs(X).max(axis=0))
+    np.testing.assert_allclose(normed.predict_embeddings(bent), normed.predict_embeddings(X), rtol=1e-4, atol=1e-4)
+    standardised = hs.tl.fit(synthetic, section_norm="standardise", **kw)
+    assert "standardised within each section" in repr(standardised)
+    assert not np.allclose(standardised.predict_embeddings(bent), standardised.predict_embeddings(X), atol=1e-3)
+    with pytest.raises(ValueError, match="section_norm"):
+        hs.tl.fit(synthetic, section_norm="quantile", **kw)
+
+
+def test_rank_sections():
+    X = np.array([[1.0, 5.0], [2.0, 5.0], [3.0, 7.0], [np.nan, 1.0], [10.0, 0.0], [20.0, 0.0]])
+    sections = np.array(["a", "a", "a", "a", "b", "b"])
+    Z = rank_sections(X, sections)
+    assert np.isnan(Z[3, 0]) and Z[3, 1] == 1.0  # a row with a non-finite value is left as it is
+    np.testing.assert_allclose(Z[:3, 0], [-0.9674, 0.0, 0.9674], atol=1e-4)
+    assert Z[0, 1] == Z[1, 1] < Z[2, 1]  # ties share their rank
+    ok = np.isfinite(X).all(axis=1)
+    np.testing.assert_allclose(rank_sections(np.exp(X), sections)[ok], Z[ok])  # only the order counts
+    with pytest.raises(ValueError, match="whole section"):
+        rank_sections(X[:5], np.array(["a", "a", "a", "a", "b"]))
 
 
 def test_predicting_some_spots_uses_their_whole_section(synthetic):
@@ -153,7 +176,7 @@ def test_predicting_some_spots_uses_their_whole_section(synthetic):
     some = np.flatnonzero((table.obs["sample_id"] == "section2").to_numpy())[:3]
     part = hs.tl.predict(light, model, spots=some, inplace=False)
     np.testing.assert_allclose(part.X, everything.X[some], rtol=1e-6)
-    assert part.uns["predicted"]["section_norm"] is True
+    assert part.uns["predicted"]["section_norm"] == model.section_norm != "none"
     # the embeddings of one spot alone cannot be standardised
     with pytest.raises(ValueError, match="whole section"):
         model.predict_embeddings(table.obsm["X_e"][some[:1]])
@@ -258,3 +281,69 @@ def test_the_imagenet_context_preset_is_computed_as_a_part():
     params = model.embedding_params["parts"]["X_imagenet_context"]
     assert params["encoder"] == "efficientnet_lite0" and params["patch_size_um"] == [224.0, 448.0, 800.0]
     assert model.config["blocks"] == [3, 3 * 1280] and table.obsm["X_imagenet_context"].shape == (table.n_obs, 3840)
+
+
+def shallow_table(n_per_group: int = 200, seed: int = 1) -> tuple[ad.AnnData, np.ndarray]:
+    """A very shallow gene (0.08-1 molecule per spot) that follows a cell state which 60 deeper genes and,
+    noisily, the embedding show; and the gene's true rate."""
+    rng = np.random.default_rng(seed)
+    n = 3 * n_per_group
+    state = rng.uniform(0, 1, n)
+    X = np.c_[state + rng.normal(0, 0.25, n), rng.normal(size=(n, 10))]
+    program = rng.poisson(np.exp(1.0 + np.outer(state, rng.uniform(-1.5, 1.5, 60))))
+    rate = np.exp(-2.5 + 2.5 * state)
+    counts = np.c_[rng.poisson(rate), program]
+    table = ad.AnnData(
+        counts.astype(np.float32), obs=pd.DataFrame({"sample_id": np.repeat(["a", "b", "c"], n_per_group)})
+    )
+    table.obs_names = [f"s{i}" for i in range(n)]
+    table.var_names = ["SHALLOW", *[f"P{i}" for i in range(60)]]
+    table.obsm["X_e"] = X
+    return table, rate
+
+
+def test_smooth_targets_averages_expression_neighbours():
+    rng = np.random.default_rng(0)
+    centres = rng.normal(0, 3, size=(4, 30))
+    cluster = np.repeat(np.arange(4), 50)
+    expression = centres[cluster] + rng.normal(size=(200, 30))
+    truth = np.array([[1.0], [2.0], [3.0], [4.0]])[cluster]
+    Y = truth + rng.normal(size=(200, 1))
+    smoothed = smooth_targets(Y, expression, 10)
+    assert np.mean((smoothed - truth) ** 2) < 0.2 * np.mean((Y - truth) ** 2)  # about a tenth of the noise
+    np.testing.assert_array_equal(smooth_targets(Y, expression, 1), Y)
+    with pytest.raises(ValueError, match="one row per target row"):
+        smooth_targets(Y, expression[:10], 5)
+
+
+def test_kernel_chooses_target_smoothing_per_gene_by_cross_validation():
+    table, rate = shallow_table()
+    test = (table.obs["sample_id"] == "c").to_numpy()
+    kw = {"genes": ["SHALLOW", "P0"], "embedding": "X_e", "train": ["a", "b"], "progress": False}
+    raw = hs.tl.fit(table, target_neighbors=1, **kw)
+    smooth = hs.tl.fit(table, **kw)  # default: (1, 10), chosen by the inner cross-validation
+    assert raw.provenance["target_neighbors"] == [1, 1]
+    assert smooth.provenance["target_neighbors"][0] == 10 and smooth.provenance["cv"]["target_neighbors"] == [1, 10]
+    truth = np.log(rate[test])
+    r = {name: np.corrcoef(m.predict_embeddings(table.obsm["X_e"][test])[:, 0], truth)[0, 1] for name, m in
+         (("raw", raw), ("smooth", smooth))}  # fmt: skip
+    assert r["smooth"] > r["raw"] + 0.05
+
+    # the smoothing reads the training spots only: the held-out section's counts change nothing
+    other = table.copy()
+    other.X[test] = np.random.default_rng(1).poisson(5.0, size=other.X[test].shape)
+    again = hs.tl.fit(other, **kw)
+    np.testing.assert_array_equal(again._arrays["dual_coef"], smooth._arrays["dual_coef"])
+
+    # a fixed neighbour count with a fixed width and penalty: the kernel model of the smoothed targets
+    fixed = hs.tl.fit(table, target_neighbors=10, gamma=0.3, alpha=1.0, **kw)
+    assert fixed.provenance["target_neighbors"] == [10, 10] and fixed.provenance["alpha_rule"] == "given"
+    counts = table.X[~test]
+    E = transform_counts(counts, "log1p_cp10k", neighbor_genes(counts))
+    Y = smooth_targets(transform_counts(counts, "log1p_cp10k", [0, 1]), E, 10)
+    X = rank_sections(table.obsm["X_e"][~test], table.obs["sample_id"].to_numpy()[~test])
+    arrays, _, _ = fit_kernel(X, Y, None, None, None, random_state=0, gamma=0.3, alpha=1.0)
+    np.testing.assert_allclose(fixed._arrays["dual_coef"], arrays["dual_coef"], rtol=1e-6, atol=1e-8)
+
+    with pytest.raises(ValueError, match="target_neighbors"):
+        hs.tl.fit(table, target_neighbors=[0, 5], **kw)

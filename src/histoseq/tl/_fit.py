@@ -17,8 +17,9 @@ Six methods:
   training spots (:mod:`histoseq.tl._fit_contrastive`).
 
 This module is the dispatcher (inputs, targets, gene selection, the model class and its file); the
-networks' training lives in the method modules. The embedding methods standardise the embedding
-within each section first (``section_norm``, :func:`standardise_sections`).
+networks' training lives in the method modules. The embedding methods normalise the embedding
+within each section first (``section_norm``: :func:`rank_sections` by default, or
+:func:`standardise_sections`).
 
 A fitted :class:`ExpressionModel` is saved to one file that holds only JSON text and tensors, and is
 read back with ``torch.load(..., weights_only=True)``: loading a model never runs code.
@@ -31,6 +32,7 @@ import json
 import logging
 import math
 import pickle
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -221,6 +223,34 @@ def _section_labels(table: ad.AnnData, groups: str | None) -> np.ndarray | None:
 MIN_SECTION_SPOTS = 30
 
 
+def _per_section(X: np.ndarray, sections: np.ndarray | None, what_for: str, transform) -> np.ndarray:
+    """Apply ``transform`` to the finite rows of ``X`` of each section (``None``: one section)."""
+    X = np.array(X, dtype=np.float64)
+    ok = np.isfinite(X).all(axis=1)
+    labels = np.zeros(len(X), dtype=int) if sections is None else np.asarray(sections)
+    if labels.shape != (len(X),):
+        raise ValueError(f"`sections` must hold one label per row ({len(X)}), got shape {labels.shape}.")
+    for section in np.unique(labels[ok]):
+        idx = ok & (labels == section)
+        n = int(idx.sum())
+        what = "the spots" if sections is None else f"section {section!r}"
+        if n < 2:
+            raise ValueError(
+                f"The model {what_for} the embedding within each section, but {what} hold(s) only {n} spot with "
+                "an embedding. Predict a whole section at once (`spots=` selects which predictions are kept), or "
+                "fit with `section_norm=False`."
+            )
+        if n < MIN_SECTION_SPOTS:
+            logger.warning(
+                "Normalising the embedding over only %d spots of %s: its statistics are noisy. Predict whole "
+                "sections at once.",
+                n,
+                what,
+            )
+        X[idx] = transform(X[idx])
+    return X
+
+
 def standardise_sections(X: np.ndarray, sections: np.ndarray | None) -> np.ndarray:
     """Centre and scale each column of ``X`` within each section (``None``: all rows are one section).
 
@@ -239,31 +269,56 @@ def standardise_sections(X: np.ndarray, sections: np.ndarray | None) -> np.ndarr
     [-1.0, 1.0, -1.0, 1.0]
 
     """
-    X = np.array(X, dtype=np.float64)
-    ok = np.isfinite(X).all(axis=1)
-    labels = np.zeros(len(X), dtype=int) if sections is None else np.asarray(sections)
-    if labels.shape != (len(X),):
-        raise ValueError(f"`sections` must hold one label per row ({len(X)}), got shape {labels.shape}.")
-    for section in np.unique(labels[ok]):
-        idx = ok & (labels == section)
-        n = int(idx.sum())
-        what = "the spots" if sections is None else f"section {section!r}"
-        if n < 2:
-            raise ValueError(
-                f"The model standardises the embedding within each section, but {what} hold(s) only {n} spot with "
-                "an embedding. Predict a whole section at once (`spots=` selects which predictions are kept), or "
-                "fit with `section_norm=False`."
-            )
-        if n < MIN_SECTION_SPOTS:
-            logger.warning(
-                "Standardising the embedding over only %d spots of %s: its statistics are noisy. Predict whole "
-                "sections at once.",
-                n,
-                what,
-            )
-        mean, scale = _standardise(X[idx])
-        X[idx] = (X[idx] - mean) / scale
-    return X
+
+    def standardise(A: np.ndarray) -> np.ndarray:
+        mean, scale = _standardise(A)
+        return (A - mean) / scale
+
+    return _per_section(X, sections, "standardises", standardise)
+
+
+def rank_sections(X: np.ndarray, sections: np.ndarray | None) -> np.ndarray:
+    """Replace each column of ``X`` by normal scores of its ranks within each section.
+
+    Within a section, a value of rank ``r`` (ties share their mean rank) among ``n`` becomes the standard
+    normal quantile of ``(r - 1/2) / n``. Like :func:`standardise_sections` this removes a slide's offset
+    and scale, and it also removes any monotone distortion of a feature between slides (a stain that
+    saturates on one slide, a texture measure that bends with focus): only the order of the spots of a
+    slide remains. It reads images only. Rows with a non-finite value are left as they are.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from histoseq.tl._fit import rank_sections
+    >>> X = np.array([[1.0], [2.0], [100.0], [5.0], [6.0], [7.0]])
+    >>> np.round(rank_sections(X, np.array(["a", "a", "a", "b", "b", "b"])).ravel(), 2).tolist()
+    [-0.97, 0.0, 0.97, -0.97, 0.0, 0.97]
+
+    """
+    from scipy.special import ndtri
+    from scipy.stats import rankdata
+
+    def rank(A: np.ndarray) -> np.ndarray:
+        return ndtri((rankdata(A, axis=0) - 0.5) / len(A))
+
+    return _per_section(X, sections, "ranks", rank)
+
+
+#: How :func:`fit` normalises the embedding within each section (``section_norm``).
+SECTION_NORMS = {"standardise": standardise_sections, "rank": rank_sections}
+
+
+def _section_norm_mode(section_norm: Any) -> str | None:
+    """``section_norm`` of :func:`fit` (or of a saved model's configuration) as a mode, or ``None``."""
+    if section_norm is True:
+        return "standardise"
+    if section_norm is False or section_norm is None:
+        return None
+    if isinstance(section_norm, str) and section_norm in SECTION_NORMS:
+        return section_norm
+    raise ValueError(
+        f"`section_norm` must be one of {[*SECTION_NORMS, True, False]} (True = 'standardise'), got {section_norm!r}."
+    )
 
 
 def _embedding_name(key: str) -> str:
@@ -528,38 +583,57 @@ def _column_pearson(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def _ridge_cv(
-    P: np.ndarray, Y: np.ndarray, folds: list[tuple[np.ndarray, np.ndarray]], alphas: np.ndarray
+    P: np.ndarray,
+    Y: np.ndarray,
+    folds: list[tuple[np.ndarray, np.ndarray]],
+    alphas: np.ndarray,
+    fold_targets: Sequence[np.ndarray] | None = None,
+    per_gene: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Held-out error and correlation of ridge regressions for all penalties, one SVD per fold.
 
     For a fold with centred training features ``P = U S Vᵀ``, the ridge coefficients for penalty ``a`` are
     ``V diag(s / (s² + a)) Uᵀ Y``, so all penalties cost one SVD and a few small products.
 
+    ``fold_targets``: the targets each fold trains on (e.g. smoothed within the fold's training spots,
+    :mod:`histoseq.tl._targets`), one array per fold with the rows of its training spots; the held-out
+    spots are always scored on ``Y``.
+
     Returns the mean squared error (pooled over folds, each gene divided by its variance so that all genes
-    weigh the same) and the mean Pearson correlation (over folds and genes), one value per penalty.
+    weigh the same) and the mean Pearson correlation (over folds and genes), one value per penalty; with
+    ``per_gene=True``, one row per penalty and one column per gene (their means over genes are the
+    pooled values).
     """
     var = Y.var(axis=0)
     var = np.where(var > 0, var, 1.0)
-    sse = np.zeros(len(alphas))
+    shape = (len(alphas), Y.shape[1])
+    sse = np.zeros(shape)
     count = 0
-    corr = np.zeros(len(alphas))
-    corr_n = np.zeros(len(alphas))
-    for tr, va in folds:
-        p_mean, y_mean = P[tr].mean(axis=0), Y[tr].mean(axis=0)
+    corr = np.zeros(shape)
+    corr_n = np.zeros(shape)
+    for f, (tr, va) in enumerate(folds):
+        Y_tr = Y[tr] if fold_targets is None else fold_targets[f]
+        p_mean, y_mean = P[tr].mean(axis=0), Y_tr.mean(axis=0)
         U, s, Vt = np.linalg.svd(P[tr] - p_mean, full_matrices=False)
-        uty = U.T @ (Y[tr] - y_mean)
+        uty = U.T @ (Y_tr - y_mean)
         a = (P[va] - p_mean) @ Vt.T
         for i, alpha in enumerate(alphas):
             pred = a @ ((s / (s * s + alpha))[:, None] * uty) + y_mean
-            sse[i] += (((pred - Y[va]) ** 2) / var).sum()
+            sse[i] += (((pred - Y[va]) ** 2) / var).sum(axis=0)
             if len(va) > 1:
                 r = _column_pearson(pred, Y[va])
-                if np.isfinite(r).any():
-                    corr[i] += np.nanmean(r)
-                    corr_n[i] += 1
-        count += Y[va].size
+                ok = np.isfinite(r)
+                corr[i, ok] += r[ok]
+                corr_n[i, ok] += 1
+        count += len(va)
+    mse = sse / max(count, 1)
     with np.errstate(invalid="ignore"):
-        return sse / max(count, 1), np.where(corr_n > 0, corr / np.maximum(corr_n, 1), np.nan)
+        corr = np.where(corr_n > 0, corr / np.maximum(corr_n, 1), np.nan)
+    if per_gene:
+        return mse, corr
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a penalty whose genes are all constant: NaN
+        return mse.mean(axis=1), np.nanmean(corr, axis=1)
 
 
 def _ridge_solve(P: np.ndarray, Y: np.ndarray, alpha: float) -> tuple[np.ndarray, np.ndarray]:
@@ -997,9 +1071,9 @@ class ExpressionModel:
         return json.loads(json.dumps(self._provenance))
 
     @property
-    def section_norm(self) -> bool:
-        """Whether the embedding is standardised within each section before the model reads it."""
-        return bool(self._config.get("section_norm", False))
+    def section_norm(self) -> str | None:
+        """How the embedding is normalised within each section first: ``"rank"``, ``"standardise"`` or ``None``."""
+        return _section_norm_mode(self._config.get("section_norm", False))
 
     @property
     def alpha(self) -> float | None:
@@ -1047,8 +1121,8 @@ class ExpressionModel:
     ) -> np.ndarray:
         """Predictions ``(n_spots, n_genes)`` (float32) for an embedding matrix; NaN rows stay NaN.
 
-        A model fitted with ``section_norm=True`` (the default of :func:`fit`) first standardises each
-        embedding dimension within each section (:func:`~histoseq.tl._fit.standardise_sections`), so
+        A model fitted with ``section_norm`` (``"rank"`` by default in :func:`fit`) first normalises each
+        embedding dimension within each section (:func:`~histoseq.tl._fit.rank_sections`), so
         ``X`` should hold whole sections: all spots of one section when ``sections`` is ``None``.
 
         Parameters
@@ -1090,7 +1164,7 @@ class ExpressionModel:
                 f"The model reads {self._n_features}-dimensional embeddings ({self._embedding!r}); got shape {X.shape}."
             )
         if self.section_norm:
-            X = standardise_sections(X, sections)
+            X = SECTION_NORMS[self.section_norm](X, sections)
         if rows is not None:
             X = X[np.asarray(rows)]
         out = np.full((len(X), len(self._genes)), np.nan, dtype=np.float32)
@@ -1292,7 +1366,7 @@ class ExpressionModel:
         ...     pathlib.Path(tempfile.mkdtemp()) / "model.pt"
         ... )
         >>> hs.tl.ExpressionModel.load(path).method
-        'ridge'
+        'kernel'
 
         """
         import torch
@@ -1380,7 +1454,8 @@ class ExpressionModel:
                 f"the {c['weighting']} of the top {c['k']} of {p.get('n_references', '?')} references; {stopped}"
             )
         if self.section_norm:
-            lines.append("    embedding standardised within each section")
+            how = "ranked (normal scores)" if self.section_norm == "rank" else "standardised"
+            lines.append(f"    embedding {how} within each section")
         groups = p.get("train_groups") or {}
         shown = ", ".join(list(groups)[:5]) + (", ..." if len(groups) > 5 else "")
         lines.append(f"    trained on {p.get('n_train_spots', '?')} spots" + (f" of {shown}" if shown else ""))
@@ -1425,7 +1500,17 @@ def load_model(path: str | Path) -> ExpressionModel:
 
 _TRAINING_OPTIONS = {"lr", "weight_decay", "batch_size", "patience", "val_groups", "val_fraction", "trainer_kwargs"}
 _METHOD_OPTIONS = {
-    "kernel": {"kernel", "gammas", "gamma", "alphas", "alpha", "max_landmarks", "alpha_scoring", "n_splits"},
+    "kernel": {
+        "kernel",
+        "gammas",
+        "gamma",
+        "alphas",
+        "alpha",
+        "max_landmarks",
+        "alpha_scoring",
+        "n_splits",
+        "target_neighbors",
+    },
     "ridge": {"alphas", "alpha", "n_components", "alpha_scoring", "n_splits"},
     "ridge_hest": {"n_components"},
     "mlp": {"n_hidden", "n_layers", "dropout", *_TRAINING_OPTIONS},
@@ -1548,7 +1633,7 @@ def fit(
     genes: int | Sequence[str] = 50,
     method: Method = DEFAULT_METHOD,
     embedding: str | Sequence[str] = DEFAULT_EMBEDDING,
-    section_norm: bool = True,
+    section_norm: Literal["rank", "standardise"] | bool = "rank",
     train: Sequence[str] | np.ndarray | None = None,
     table_key: str | None = "table",
     target_transform: TargetTransform = "log1p_cp10k",
@@ -1576,16 +1661,18 @@ def fit(
     ``"X_resnet18"`` → ``"resnet18"``) and the options ``embed_kwargs`` (e.g. ``{"patch_px": 128}``, or
     ``{"encoder": "resnet18", "weights": "ssl.pt"}`` for another key). The default,
     ``"X_morphology_context"``, is the morphology encoder at 224, 448 and 800 µm around each spot
-    (:data:`~histoseq.tl._fit.EMBEDDING_PRESETS`); with ``method="kernel"`` and ``section_norm=True`` it
+    (:data:`~histoseq.tl._fit.EMBEDDING_PRESETS`); with ``method="kernel"`` and ``section_norm="rank"`` it
     was the most accurate combination on the real-data folds of ``benchmarks/accuracy.py``. So
     ``hs.tl.fit(sdata)`` then ``hs.tl.predict(other, model)`` is a whole workflow.
 
-    With ``section_norm=True`` (the default; embedding methods), each dimension of the embedding is
-    standardised within each section (the spots element of a row, or ``obs[groups]`` for a table that
-    records no regions) before anything else, at training and again at prediction
-    (:func:`~histoseq.tl._fit.standardise_sections`). Staining and scanning shift every image feature of
-    a slide; this removes the shift, reading images only. Predictions then need whole sections: the
-    statistics of a section come from all of its spots, whichever ``spots=`` are predicted.
+    Staining, thickness and scanning shift and bend every image feature of a slide, so the embedding
+    methods first normalise each dimension of the embedding within each section (the spots element of a
+    row, or ``obs[groups]`` for a table that records no regions), at training and again at prediction.
+    ``section_norm="rank"`` (the default) replaces each value by the normal score of its rank among the
+    section's spots (:func:`~histoseq.tl._fit.rank_sections`), which undoes any monotone distortion;
+    ``"standardise"`` (or ``True``) centres and scales (:func:`~histoseq.tl._fit.standardise_sections`);
+    ``False`` reads the embedding as it is. Both read images only. Predictions then need whole sections:
+    the statistics of a section come from all of its spots, whichever ``spots=`` are predicted.
 
     The methods:
 
@@ -1593,7 +1680,11 @@ def fit(
       ``exp(-gamma |x - y|² / d)`` (``kernel="rbf"``) or ``exp(-sqrt(gamma |x - y|² / d))``
       (``"exponential"``). The width (``gammas``, default ``(0.01, 0.03, ..., 3, 10)``) and the penalty
       (``alphas``, as for ridge) are chosen together by the same cross-validation inside the training
-      data as for ridge (``alpha_scoring``, ``n_splits``); ``gamma=``/``alpha=`` fix them. Beyond
+      data as for ridge (``alpha_scoring``, ``n_splits``); ``gamma=``/``alpha=`` fix them. The same
+      cross-validation decides whether the model trains on each training spot's targets averaged over
+      its nearest training spots in expression (``target_neighbors``, default ``(1, 10)``; ``1`` = the
+      raw targets), which averages out counting noise: each inner fold smooths among its own training
+      spots and is scored on raw held-out targets (:mod:`histoseq.tl._targets`). Beyond
       ``max_landmarks`` (3,000) training spots, a Nyström approximation on that many spots drawn at
       random keeps time and memory linear in the number of spots. See
       :mod:`histoseq.tl._fit_kernel`.
@@ -1665,7 +1756,8 @@ def fit(
         part the same, whatever its dimension (:func:`~histoseq.tl._fit_kernel.kernel_matrix`); the other
         methods read the concatenation. Prediction needs all the parts.
     section_norm
-        Standardise the embedding within each section (see above; not used by ``"cnn"``).
+        ``"rank"``, ``"standardise"`` (``True``) or ``False``: how the embedding is normalised within each
+        section (see above; not used by ``"cnn"``).
     train
         Training spots: ``None`` (all), values of ``obs[groups]`` (e.g. sample ids), or a boolean mask over
         the rows (of the concatenated tables, for a list).
@@ -1697,7 +1789,8 @@ def fit(
     embed_kwargs
         Options of :func:`histoseq.tl.embed` when the embedding is computed (see above).
     **method_kwargs
-        Options of the method: ``kernel``, ``gammas``, ``gamma``, ``max_landmarks`` (kernel); ``alphas``,
+        Options of the method: ``kernel``, ``gammas``, ``gamma``, ``max_landmarks``, ``target_neighbors``
+        (kernel); ``alphas``,
         ``alpha``, ``alpha_scoring``, ``n_splits`` (kernel and ridge); ``n_components`` (ridge,
         ``ridge_hest``); ``n_hidden``, ``n_layers``, ``dropout`` (MLP, cnn);
         ``encoder``, ``weights``, ``patch_size_um``, ``patch_px``, ``encoder_lr``, ``flips``, ``stain_jitter``,
@@ -1730,6 +1823,7 @@ def fit(
         raise ValueError(f"Unknown `method` {method!r}; choose one of {list(METHODS)}.")
     if target_transform not in TARGET_TRANSFORMS:
         raise ValueError(f"Unknown `target_transform` {target_transform!r}; choose one of {list(TARGET_TRANSFORMS)}.")
+    norm = _section_norm_mode(section_norm)
     unknown = sorted(set(method_kwargs) - _METHOD_OPTIONS[method])
     if unknown:
         raise TypeError(
@@ -1766,7 +1860,7 @@ def fit(
             genes=genes,
             method=method,
             embedding=None if images else embedding,
-            section_norm=bool(section_norm) and not images,
+            section_norm=None if images else norm,
             train=train,
             table_key=table_key,
             target_transform=target_transform,
@@ -1794,7 +1888,7 @@ def _fit(
     genes: int | Sequence[str],
     method: str,
     embedding: str | None,
-    section_norm: bool,
+    section_norm: str | None,
     train: Any,
     table_key: str | None,
     target_transform: TargetTransform,
@@ -1837,7 +1931,7 @@ def _fit(
             if not mask.any():
                 raise ValueError(f"No training spot has a finite embedding `obsm[{embedding!r}]`.")
         if section_norm:
-            X_all = standardise_sections(X_all, _section_labels(table, groups))
+            X_all = SECTION_NORMS[section_norm](X_all, _section_labels(table, groups))
     else:
         patch_images, patch_params, mask = _training_patches(objects, table_key, mask, method_kwargs, progress)
     rows = np.flatnonzero(mask)
@@ -1879,17 +1973,21 @@ def _fit(
         )
     elif method == "kernel":
         from ._fit_kernel import fit_kernel
+        from ._targets import neighbor_genes
 
         blocks = _embedding_dims(table, embedding) if len(_embedding_parts(embedding)) > 1 else None
+        counts = table.X[rows]
+        # the training spots' expression, in which each one's neighbours for target smoothing are found
+        expression = transform_counts(counts, "log1p_cp10k", neighbor_genes(counts), check=False)
         arrays, config, info = fit_kernel(
-            X, Y, lab, reg, coords, random_state=random_state, blocks=blocks, **method_kwargs
+            X, Y, lab, reg, coords, random_state=random_state, blocks=blocks, expression=expression, **method_kwargs
         )
     else:
         arrays, config, info = _fit_ridge(
             X, Y, lab, reg, coords, hest=method == "ridge_hest", random_state=random_state, **method_kwargs
         )
     if X is not None:
-        config["section_norm"] = bool(section_norm)
+        config["section_norm"] = section_norm or False
     if lab is not None:
         uniq, counts = np.unique(lab, return_counts=True)
         train_groups = {str(g): int(c) for g, c in zip(uniq, counts)}
@@ -2030,7 +2128,7 @@ def _prediction_info(model: ExpressionModel, **extra: Any) -> dict[str, Any]:
         "target_transform": "none" if model.target_transform is None else model.target_transform,
         "method": model.method,
         "embedding": model.embedding or "",
-        "section_norm": model.section_norm,
+        "section_norm": model.section_norm or "none",
         "groups": p.get("groups") or "",
         "train_groups": list(p.get("train_groups") or {}),
     }

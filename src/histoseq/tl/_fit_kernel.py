@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -112,15 +113,25 @@ def fit_kernel(
     alpha_scoring: str = "mse",
     n_splits: int = 5,
     blocks: Sequence[int] | None = None,
+    target_neighbors: int | Sequence[int] | None = None,
+    expression: np.ndarray | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[str, Any], dict[str, Any]]:
     """Kernel ridge regression with the width and penalty chosen by cross-validation on the training spots.
 
     ``blocks``: the dimensions of the parts of an embedding made of several (see :func:`kernel_matrix`).
 
+    ``target_neighbors`` and ``expression``: the model may train on targets averaged over each training
+    spot's nearest training spots in ``expression`` (:func:`histoseq.tl._targets.smooth_targets`). The
+    number of neighbours is chosen from ``target_neighbors`` (default ``(1, 10)``; ``1`` = the raw targets)
+    by the same cross-validation as the width and penalty: each inner fold smooths among its own training
+    spots and is scored on the raw targets of its held-out spots. Without ``expression`` the targets are
+    used as they are.
+
     Returns the model's arrays (``scaler_mean``, ``scaler_scale``, ``landmarks``, ``dual_coef``,
     ``intercept``), its configuration and what was chosen (for the provenance).
     """
     from ._fit import DEFAULT_ALPHAS, _folds, _jsonable, _ridge_cv, _ridge_solve, _standardise
+    from ._targets import neighbor_grid, smooth_targets
 
     n = len(X)
     if n < 3:
@@ -147,6 +158,14 @@ def fit_kernel(
         raise TypeError("Give either `alpha` (a fixed penalty) or `alphas` (penalties to choose from), not both.")
     gamma_grid = grid_of([gamma] if gamma is not None else gammas, DEFAULT_GAMMAS, "gamma(s)", True)
     alpha_grid = grid_of([alpha] if alpha is not None else alphas, DEFAULT_ALPHAS, "alpha(s)", False)
+    if expression is None:
+        if target_neighbors is not None and neighbor_grid(target_neighbors, n) != [1]:
+            raise ValueError("`target_neighbors` above 1 needs the training spots' `expression`.")
+        k_grid = [1]
+    else:
+        if len(expression) != n:
+            raise ValueError(f"`expression` must have one row per training spot ({n}), got {len(expression)}.")
+        k_grid = neighbor_grid(target_neighbors, n)
 
     mean, scale = _standardise(X)
     Z = (X - mean) / scale
@@ -168,19 +187,38 @@ def fit_kernel(
     config: dict[str, Any] = {"kernel": kernel, "max_landmarks": int(max_landmarks)}
     if blocks:
         config["blocks"] = blocks
-    if gamma_grid.size == 1 and alpha_grid.size == 1:
+    gene_k = np.full(Y.shape[1], k_grid[0])
+    if gamma_grid.size == 1 and alpha_grid.size == 1 and len(k_grid) == 1:
         best_gamma, best_alpha = float(gamma_grid[0]), float(alpha_grid[0])
         info.update(gamma=best_gamma, alpha=best_alpha, alpha_rule="given")
     else:
         folds, scheme = _folds(labels, regions, coords, n, n_splits=n_splits, random_state=random_state)
-        mse = np.full((len(gamma_grid), len(alpha_grid)), np.nan)
+        # the targets each inner fold trains on, smoothed among that fold's training spots only
+        fold_targets = {k: [smooth_targets(Y[tr], expression[tr], k) for tr, _ in folds] for k in k_grid if k > 1}
+        # held-out error and correlation per (neighbours, width, penalty, gene)
+        mse = np.full((len(k_grid), len(gamma_grid), len(alpha_grid), Y.shape[1]), np.nan)
         corr = np.full_like(mse, np.nan)
         for i, g in enumerate(gamma_grid):
             Phi, _ = features(g)
-            mse[i], corr[i] = _ridge_cv(Phi, Y, folds, alpha_grid)
-        score = mse if alpha_scoring == "mse" else -corr
-        i, j = np.unravel_index(int(np.nanargmin(score)), score.shape)
+            for h, k in enumerate(k_grid):
+                mse[h, i], corr[h, i] = _ridge_cv(
+                    Phi, Y, folds, alpha_grid, fold_targets=fold_targets.get(k), per_gene=True
+                )
+        raw = mse if alpha_scoring == "mse" else -corr
+        per_gene = np.where(np.isfinite(raw), raw, np.inf)
+        # each gene takes the neighbour count that suits it best; the width and penalty are shared
+        gene_best = per_gene.min(axis=0)  # (widths, penalties, genes)
+        finite = np.isfinite(gene_best)
+        if not finite.any():
+            raise ValueError("Cross-validation found no usable penalty.")
+        with np.errstate(invalid="ignore"):
+            score = np.where(finite.any(axis=-1), np.where(finite, gene_best, 0).sum(-1) / finite.sum(-1), np.inf)
+        i, j = np.unravel_index(int(np.argmin(score)), score.shape)
         best_gamma, best_alpha = float(gamma_grid[i]), float(alpha_grid[j])
+        gene_k = np.asarray(k_grid)[np.argmin(per_gene[:, i, j], axis=0)]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # genes that are constant in a fold: NaN
+            raw_mse, raw_corr = np.nanmean(mse[0], axis=-1), np.nanmean(corr[0], axis=-1)
         if len(alpha_grid) > 1 and best_alpha in (alpha_grid[0], alpha_grid[-1]):
             logger.warning(
                 "The penalty chosen by cross-validation (alpha=%g) lies at the edge of the grid [%g, %g]; pass a "
@@ -206,14 +244,29 @@ def fit_kernel(
             cv={
                 "gammas": gamma_grid.tolist(),
                 "alphas": alpha_grid.tolist(),
-                "mse": _jsonable(mse),
-                "pearson": _jsonable(corr),
+                # of the models on the targets with the fewest neighbours (the raw ones by default)
+                "mse": _jsonable(raw_mse),
+                "pearson": _jsonable(raw_corr),
                 "n_folds": len(folds),
+                "target_neighbors": k_grid,
+                # the score of the chosen width and penalty, each gene with its best neighbour count
+                "score": float(score[i, j]),
             },
         )
         config.update(gammas=gamma_grid.tolist(), alphas=alpha_grid.tolist(), alpha_scoring=alpha_scoring)
     if not math.isfinite(best_alpha):
         raise ValueError("Cross-validation found no usable penalty.")
+    if (gene_k > 1).any():
+        Y = Y.copy()
+        for k in np.unique(gene_k[gene_k > 1]):
+            cols = gene_k == k
+            Y[:, cols] = smooth_targets(Y[:, cols], expression, int(k))
+        logger.info(
+            "Kernel model: %d of %d genes train on targets averaged over their expression neighbours.",
+            int((gene_k > 1).sum()),
+            len(gene_k),
+        )
+    info["target_neighbors"] = [int(k) for k in gene_k]
     Phi, T = features(best_gamma)
     coef, intercept = _ridge_solve(Phi, Y, best_alpha)
     config["gamma"] = best_gamma
