@@ -88,9 +88,14 @@ def smooth_targets(
     E = E[:, sd > 1e-12] / sd[sd > 1e-12]
     if E.shape[1] == 0:  # no gene varies: every spot is everyone's neighbour
         return np.repeat(Y.mean(axis=0, keepdims=True), n, axis=0)
-    # principal component scores from the genes' covariance: memory stays (genes × genes) for many spots
-    _, evecs = np.linalg.eigh(E.T @ E)
     r = max(1, min(int(n_components), E.shape[1], n))
-    scores = E @ evecs[:, ::-1][:, :r]
+    # principal component scores from the smaller of the two Gram matrices: (spots × spots) for few spots,
+    # (genes × genes) for many, so neither time nor memory grows with the product
+    if n <= E.shape[1]:
+        evals, evecs = np.linalg.eigh(E @ E.T)
+        scores = evecs[:, ::-1][:, :r] * np.sqrt(np.clip(evals[::-1][:r], 0, None))
+    else:
+        _, evecs = np.linalg.eigh(E.T @ E)
+        scores = E @ evecs[:, ::-1][:, :r]
     _, idx = cKDTree(scores).query(scores, k)
     return Y[idx].mean(axis=1)
