@@ -14,6 +14,11 @@ approximation. The cost is one ``n × m`` kernel block and one SVD of it per inn
 
 The model stores the standardised landmarks and the coefficients ``α = V Λ^{-1/2} β`` on them, so a
 prediction is ``k(x, L) α + b``.
+
+Shallow genes are mostly counting noise at one spot. The cross-validation therefore also decides, gene by
+gene, whether the model trains on the raw targets or on each training spot's targets averaged over its
+nearest training spots in expression (:mod:`histoseq.tl._targets`); width and penalty stay shared. Since
+ridge regression is linear in its targets, genes trained either way share one solve.
 """
 
 from __future__ import annotations
