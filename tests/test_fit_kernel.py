@@ -11,7 +11,7 @@ import pytest
 import spatialdata as sd
 
 import histoseq as hs
-from histoseq.tl._fit import _column_pearson, rank_sections, standardise_sections, transform_counts
+from histoseq.tl._fit import _column_pearson, _section_norm_mode, rank_sections, standardise_sections, transform_counts
 from histoseq.tl._fit_kernel import fit_kernel, kernel_matrix
 from histoseq.tl._targets import neighbor_genes, smooth_targets
 
@@ -166,6 +166,8 @@ def test_rank_sections():
     np.testing.assert_allclose(rank_sections(np.exp(X), sections)[ok], Z[ok])  # only the order counts
     with pytest.raises(ValueError, match="whole section"):
         rank_sections(X[:5], np.array(["a", "a", "a", "a", "b"]))
+    assert _section_norm_mode(True) == "standardise"  # models saved when the option was a bool
+    assert _section_norm_mode(False) is None
 
 
 def test_predicting_some_spots_uses_their_whole_section(synthetic):

@@ -1973,12 +1973,14 @@ def _fit(
         )
     elif method == "kernel":
         from ._fit_kernel import fit_kernel
-        from ._targets import neighbor_genes
+        from ._targets import neighbor_genes, neighbor_grid
 
         blocks = _embedding_dims(table, embedding) if len(_embedding_parts(embedding)) > 1 else None
-        counts = table.X[rows]
-        # the training spots' expression, in which each one's neighbours for target smoothing are found
-        expression = transform_counts(counts, "log1p_cp10k", neighbor_genes(counts), check=False)
+        expression = None
+        if neighbor_grid(method_kwargs.get("target_neighbors"), len(rows)) != [1]:
+            counts = table.X[rows]
+            # the training spots' expression, in which each one's neighbours for target smoothing are found
+            expression = transform_counts(counts, "log1p_cp10k", neighbor_genes(counts), check=False)
         arrays, config, info = fit_kernel(
             X, Y, lab, reg, coords, random_state=random_state, blocks=blocks, expression=expression, **method_kwargs
         )
