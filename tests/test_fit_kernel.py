@@ -50,7 +50,7 @@ def test_kernel_learns_what_a_linear_probe_cannot():
     assert kernel.method == "kernel" and p["alpha_rule"].startswith("cross-validation (leave-one-group-out, 2 folds")
     assert np.shape(p["cv"]["mse"]) == (len(p["cv"]["gammas"]), len(p["cv"]["alphas"]))
     assert kernel.config["gamma"] in p["cv"]["gammas"] and p["n_landmarks"] == 2 * 150
-    assert "kernel ridge: rbf kernel" in repr(kernel)
+    assert "kernel ridge: exponential kernel" in repr(kernel)
 
 
 def test_kernel_with_every_spot_a_landmark_is_exact_kernel_ridge():
@@ -59,7 +59,7 @@ def test_kernel_with_every_spot_a_landmark_is_exact_kernel_ridge():
     gamma, alpha = 0.7, 0.3
     model = hs.tl.fit(
         table, genes=["WAVE", "FLAT1"], embedding="X_e", train=train, gamma=gamma, alpha=alpha, section_norm=False,
-        target_neighbors=1, progress=False,
+        target_neighbors=1, kernel="rbf", relevance_power=0, progress=False,
     )  # fmt: skip
     assert model.provenance["alpha_rule"] == "given"
     a = model._arrays
@@ -142,7 +142,7 @@ def test_section_norm_undoes_a_slide_wide_shift_of_the_embedding(synthetic):
     np.testing.assert_allclose(normed.predict_embeddings(stained), normed.predict_embeddings(X), rtol=1e-4, atol=1e-4)
     r_normed = np.nanmean(_column_pearson(normed.predict_embeddings(stained).astype(float), truth))
     r_raw = np.nanmean(_column_pearson(raw.predict_embeddings(stained).astype(float), truth))
-    assert r_normed > 0.5 and r_normed > r_raw + 0.2
+    assert r_normed > 0.5 and r_normed > r_raw + 0.1
     assert not raw.section_norm and normed.section_norm == "rank"
     assert "ranked (normal scores) within each section" in repr(normed)
     # ranks also undo a distortion that bends each feature (a saturating stain), which standardising cannot
@@ -209,7 +209,8 @@ def test_an_embedding_of_several_parts_weighs_each_part_the_same(synthetic, tmp_
     test = (table.obs["sample_id"] == "section2").to_numpy()
     genes = list(table.var_names[table.var["learnable"].to_numpy()])[:8]
     truth = transform_counts(table.X[test], "log1p_cp10k", table.var_names.get_indexer(genes))
-    kw = {"genes": genes, "train": ["section0", "section1"], "progress": False}
+    # every dimension of a part weighs the same here; the relevance weights are tested below
+    kw = {"genes": genes, "train": ["section0", "section1"], "progress": False, "relevance_power": 0}
 
     def score(model):
         pred = hs.tl.predict(sdata, model, inplace=False)[test.nonzero()[0]]
@@ -219,6 +220,12 @@ def test_an_embedding_of_several_parts_weighs_each_part_the_same(synthetic, tmp_
     joined = hs.tl.fit(sdata, embedding="X_joined", **kw)
     # one kernel over the plain concatenation is ruled by the 300 noise dimensions; parts weigh the same
     assert score(parts) > 0.4 and score(parts) > score(joined) + 0.1
+    # the default weighs each dimension by its expression relevance, which finds the 12 among the 312
+    weighted = hs.tl.fit(sdata, embedding="X_joined", **{**kw, "relevance_power": None})
+    assert weighted.provenance["relevance_power"] == 2.0 and joined.provenance["relevance_power"] == 0.0
+    assert score(weighted) > score(joined) + 0.1
+    w = weighted._arrays["column_weights"]
+    assert w.shape == (312,) and np.isclose(w.sum(), 1.0) and w[:12].sum() > 0.5
     assert parts.embedding == "X_small+X_wide" and parts.n_features == 312
     assert parts.config["blocks"] == [12, 300] and "blocks" not in joined.config
     assert set(parts.embedding_params["parts"]) == {"X_small", "X_wide"}
@@ -232,7 +239,8 @@ def test_an_embedding_of_several_parts_weighs_each_part_the_same(synthetic, tmp_
         loaded.predict_embeddings(table.obsm["X_joined"]), parts.predict_embeddings(table.obsm["X_joined"]), rtol=1e-6
     )
     # the linear methods read the concatenation
-    assert hs.tl.fit(sdata, embedding=["X_small", "X_wide"], method="ridge", **kw).n_features == 312
+    ridge_kw = {k: v for k, v in kw.items() if k != "relevance_power"}
+    assert hs.tl.fit(sdata, embedding=["X_small", "X_wide"], method="ridge", **ridge_kw).n_features == 312
     # prediction needs every part, and says which one is missing
     del table.obsm["X_wide"]
     with pytest.raises(KeyError, match="X_wide"):
@@ -321,7 +329,10 @@ def test_smooth_targets_averages_expression_neighbours():
 def test_kernel_chooses_target_smoothing_per_gene_by_cross_validation():
     table, rate = shallow_table()
     test = (table.obs["sample_id"] == "c").to_numpy()
+    # an RBF kernel with equal weights of the dimensions: the relevance weights find the state column
+    # (r 0.61 -> 0.75 on the raw targets here), which leaves the smoothing less to add
     kw = {"genes": ["SHALLOW", "P0"], "embedding": "X_e", "train": ["a", "b"], "progress": False}
+    kw.update(kernel="rbf", relevance_power=0)
     raw = hs.tl.fit(table, target_neighbors=1, **kw)
     smooth = hs.tl.fit(table, **kw)  # default: (1, 10), chosen by the inner cross-validation
     assert raw.provenance["target_neighbors"] == [1, 1]
@@ -344,8 +355,56 @@ def test_kernel_chooses_target_smoothing_per_gene_by_cross_validation():
     E = transform_counts(counts, "log1p_cp10k", neighbor_genes(counts))
     Y = smooth_targets(transform_counts(counts, "log1p_cp10k", [0, 1]), E, 10)
     X = rank_sections(table.obsm["X_e"][~test], table.obs["sample_id"].to_numpy()[~test])
-    arrays, _, _ = fit_kernel(X, Y, None, None, None, random_state=0, gamma=0.3, alpha=1.0)
+    arrays, _, _ = fit_kernel(X, Y, None, None, None, random_state=0, gamma=0.3, alpha=1.0, kernel="rbf")
     np.testing.assert_allclose(fixed._arrays["dual_coef"], arrays["dual_coef"], rtol=1e-6, atol=1e-8)
 
     with pytest.raises(ValueError, match="target_neighbors"):
         hs.tl.fit(table, target_neighbors=[0, 5], **kw)
+
+
+def test_relevance_weights_come_from_the_training_spots_and_are_saved(tmp_path):
+    table, rate = shallow_table(n_per_group=80)
+    test = (table.obs["sample_id"] == "c").to_numpy()
+    kw = {"genes": ["SHALLOW", "P0"], "embedding": "X_e", "train": ["a", "b"], "progress": False}
+    model = hs.tl.fit(table, **kw)
+    w = model._arrays["column_weights"]
+    # the first column shows the cell state that the 60 deeper genes follow; the other ten are noise
+    assert model.provenance["relevance_power"] == 2.0 and np.isclose(w.sum(), 1.0)
+    assert w[0] > 0.5 and w[0] > 10 * w[1:].max()
+    assert "weighted by expression relevance ** 2" in repr(model)
+    # the held-out section's counts change nothing
+    other = table.copy()
+    other.X[test] = np.random.default_rng(1).poisson(5.0, size=other.X[test].shape)
+    again = hs.tl.fit(other, **kw)
+    np.testing.assert_array_equal(again._arrays["column_weights"], w)
+    np.testing.assert_array_equal(again._arrays["dual_coef"], model._arrays["dual_coef"])
+    # the weights travel with the model
+    X = table.obsm["X_e"][test]
+    loaded = hs.tl.load_model(model.save(tmp_path / "weighted"))
+    np.testing.assert_allclose(loaded.predict_embeddings(X), model.predict_embeddings(X), rtol=1e-6)
+    # power 0: equal weights, nothing stored
+    equal = hs.tl.fit(table, relevance_power=0, **kw)
+    assert "column_weights" not in equal._arrays and equal.provenance["relevance_power"] == 0.0
+    for bad in (-1.0, float("nan"), True):
+        with pytest.raises(ValueError, match="relevance_power"):
+            hs.tl.fit(table, relevance_power=bad, **kw)
+    with pytest.raises(ValueError, match="needs the training spots' `expression`"):
+        fit_kernel(X, np.ones((len(X), 1)), None, None, None, random_state=0, relevance_power=1.0)
+
+
+def test_relevance_weights_keep_each_part_of_an_embedding_at_its_share():
+    from histoseq.tl._fit_kernel import feature_relevance, relevance_weights
+
+    rng = np.random.default_rng(0)
+    state = rng.normal(size=300)
+    expression = np.outer(state, rng.normal(size=40)) + 0.3 * rng.normal(size=(300, 40))
+    Z = np.c_[state + 0.3 * rng.normal(size=300), rng.normal(size=(300, 3)), rng.normal(size=(300, 2))]
+    rel = feature_relevance(Z, expression)
+    assert rel[0] > 0.5 and rel[1:].max() < 0.05
+    w = relevance_weights(rel, 2.0, blocks=[4, 2])
+    assert np.isclose(w[:4].sum(), 0.5) and np.isclose(w[4:].sum(), 0.5) and w[0] > 0.49
+    np.testing.assert_allclose(relevance_weights(rel, 0.0), np.full(6, 1 / 6))
+    # a constant column has no relevance, and an all-irrelevant part keeps equal weights
+    Z[:, 4] = 1.0
+    assert feature_relevance(Z, expression)[4] == 0.0
+    np.testing.assert_allclose(relevance_weights(np.array([0.3, 0.0, 0.0]), 1.0, blocks=[1, 2])[1:], [0.25, 0.25])

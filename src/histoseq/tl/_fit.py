@@ -1432,6 +1432,11 @@ class ExpressionModel:
                 f"    kernel ridge: {c['kernel']} kernel, gamma={c['gamma']:g}, "
                 f"alpha={p.get('alpha', float('nan')):.4g} ({p.get('alpha_rule', '?')}), "
                 f"{p.get('n_landmarks', '?')} landmarks"
+                + (
+                    f", dimensions weighted by expression relevance ** {p['relevance_power']:g}"
+                    if p.get("relevance_power")
+                    else ""
+                )
             )
         elif self._method in ("ridge", "ridge_hest"):
             lines.append(
@@ -1510,6 +1515,7 @@ _METHOD_OPTIONS = {
         "alpha_scoring",
         "n_splits",
         "target_neighbors",
+        "relevance_power",
     },
     "ridge": {"alphas", "alpha", "n_components", "alpha_scoring", "n_splits"},
     "ridge_hest": {"n_components"},
@@ -1676,9 +1682,13 @@ def fit(
 
     The methods:
 
-    - ``"kernel"`` (default): kernel ridge regression on the standardised embedding, with an RBF kernel
-      ``exp(-gamma |x - y|² / d)`` (``kernel="rbf"``) or ``exp(-sqrt(gamma |x - y|² / d))``
-      (``"exponential"``). The width (``gammas``, default ``(0.01, 0.03, ..., 3, 10)``) and the penalty
+    - ``"kernel"`` (default): kernel ridge regression on the standardised embedding, with an exponential
+      (Laplacian) kernel ``exp(-sqrt(gamma Σ w_j (x_j - y_j)²))`` (``kernel="exponential"``, the default)
+      or an RBF kernel ``exp(-gamma Σ w_j (x_j - y_j)²)`` (``"rbf"``). The weights ``w_j`` sum to 1 and
+      follow each dimension's relevance: its squared correlation with the main principal components of
+      the training spots' expression, raised to ``relevance_power`` (default 2; ``0`` weighs every
+      dimension ``1 / d``), so dimensions that follow nothing in the expression hardly move the
+      distances. The width (``gammas``, default ``(0.01, 0.03, ..., 3, 10)``) and the penalty
       (``alphas``, as for ridge) are chosen together by the same cross-validation inside the training
       data as for ridge (``alpha_scoring``, ``n_splits``); ``gamma=``/``alpha=`` fix them. The same
       cross-validation decides whether the model trains on each training spot's targets averaged over
@@ -1789,10 +1799,9 @@ def fit(
     embed_kwargs
         Options of :func:`histoseq.tl.embed` when the embedding is computed (see above).
     **method_kwargs
-        Options of the method: ``kernel``, ``gammas``, ``gamma``, ``max_landmarks``, ``target_neighbors``
-        (kernel); ``alphas``,
-        ``alpha``, ``alpha_scoring``, ``n_splits`` (kernel and ridge); ``n_components`` (ridge,
-        ``ridge_hest``); ``n_hidden``, ``n_layers``, ``dropout`` (MLP, cnn);
+        Options of the method: ``kernel``, ``gammas``, ``gamma``, ``max_landmarks``, ``target_neighbors``,
+        ``relevance_power`` (kernel); ``alphas``, ``alpha``, ``alpha_scoring``, ``n_splits`` (kernel and
+        ridge); ``n_components`` (ridge, ``ridge_hest``); ``n_hidden``, ``n_layers``, ``dropout`` (MLP, cnn);
         ``encoder``, ``weights``, ``patch_size_um``, ``patch_px``, ``encoder_lr``, ``flips``, ``stain_jitter``,
         ``tta`` (cnn);
         ``n_proj``, ``dropout``, ``temperature``, ``k``, ``weighting`` (contrastive); and ``lr``,
@@ -1972,14 +1981,16 @@ def _fit(
             patch_images, Y, lab, reg, coords, patch_params=patch_params, **training, **method_kwargs
         )
     elif method == "kernel":
-        from ._fit_kernel import fit_kernel
+        from ._fit_kernel import DEFAULT_RELEVANCE_POWER, fit_kernel
         from ._targets import neighbor_genes, neighbor_grid
 
         blocks = _embedding_dims(table, embedding) if len(_embedding_parts(embedding)) > 1 else None
         expression = None
-        if neighbor_grid(method_kwargs.get("target_neighbors"), len(rows)) != [1]:
+        smoothing = neighbor_grid(method_kwargs.get("target_neighbors"), len(rows)) != [1]
+        if smoothing or method_kwargs.get("relevance_power", DEFAULT_RELEVANCE_POWER):
             counts = table.X[rows]
-            # the training spots' expression, in which each one's neighbours for target smoothing are found
+            # the training spots' expression: each one's neighbours for target smoothing are found in it, and
+            # the embedding's dimensions are weighted by how well they follow it
             expression = transform_counts(counts, "log1p_cp10k", neighbor_genes(counts), check=False)
         arrays, config, info = fit_kernel(
             X, Y, lab, reg, coords, random_state=random_state, blocks=blocks, expression=expression, **method_kwargs

@@ -15,6 +15,13 @@ approximation. The cost is one ``n × m`` kernel block and one SVD of it per inn
 The model stores the standardised landmarks and the coefficients ``α = V Λ^{-1/2} β`` on them, so a
 prediction is ``k(x, L) α + b``.
 
+Not every dimension of an embedding tells about expression (a stain's DAB channel, a texture measure at
+the wrong scale), yet an isotropic kernel lets each move distances as much as any other. Each dimension
+is therefore weighted by its *relevance*: its squared correlation with the leading principal components
+of the training spots' expression (all measured genes, not only the targets), averaged with the
+components' variances as weights, raised to ``relevance_power``. The weights come from the training
+spots before any cross-validation, like the standardisation, and are stored with the model.
+
 Shallow genes are mostly counting noise at one spot. The cross-validation therefore also decides, gene by
 gene, whether the model trains on the raw targets or on each training spot's targets averaged over its
 nearest training spots in expression (:mod:`histoseq.tl._targets`); width and penalty stay shared. Since
@@ -33,7 +40,14 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
-KERNELS = ("rbf", "exponential")
+KERNELS = ("exponential", "rbf")
+#: The kernel of :func:`fit_kernel` unless ``kernel=`` says otherwise.
+DEFAULT_KERNEL = "exponential"
+#: Exponent of the expression relevance of each embedding dimension in its kernel weight (``0``: equal
+#: weights); see :func:`feature_relevance`.
+DEFAULT_RELEVANCE_POWER = 2.0
+#: Principal components of the training spots' expression that define the relevance of a dimension.
+RELEVANCE_COMPONENTS = 10
 #: Kernel widths tried, relative to the dimension ``d`` of the (standardised) embedding: the kernel reads
 #: ``exp(-gamma * |x - y|² / d)`` (``"rbf"``) or ``exp(-sqrt(gamma * |x - y|² / d))`` (``"exponential"``).
 #: Two standardised spots lie about ``2 d`` apart (squared), so ``gamma = 1`` puts a typical pair at
@@ -60,14 +74,21 @@ def _column_weights(d: int, blocks: Sequence[int] | None) -> np.ndarray | None:
 
 
 def kernel_matrix(
-    A: np.ndarray, B: np.ndarray, *, kernel: str, gamma: float, blocks: Sequence[int] | None = None
+    A: np.ndarray,
+    B: np.ndarray,
+    *,
+    kernel: str,
+    gamma: float,
+    blocks: Sequence[int] | None = None,
+    weights: np.ndarray | None = None,
 ) -> np.ndarray:
     """The kernel between the rows of ``A`` and ``B`` (standardised embeddings of dimension ``d``).
 
     With ``blocks`` (the dimensions of the parts of an embedding made of several, in order), each part's
     squared distance is divided by its own dimension and the parts are averaged, so that every part weighs
     the same whatever its size (a 2,560-dimensional CNN embedding does not drown 168 morphology features).
-    Without, the squared distance is divided by ``d``; one block is the same.
+    Without, the squared distance is divided by ``d``; one block is the same. ``weights`` (one per column,
+    non-negative, summing to 1) weigh the squared differences of the columns instead of either.
 
     Examples
     --------
@@ -81,7 +102,10 @@ def kernel_matrix(
     0.606531
 
     """
-    weights = _column_weights(A.shape[1], blocks)
+    if weights is None:
+        weights = _column_weights(A.shape[1], blocks)
+    elif len(weights) != A.shape[1]:
+        raise ValueError(f"`weights` must have one value per column ({A.shape[1]}), got {len(weights)}.")
     if weights is None:
         scaled = _sq_dist(A, B) * (float(gamma) / A.shape[1])
     else:
@@ -92,6 +116,70 @@ def kernel_matrix(
     if kernel == "exponential":
         return np.exp(-np.sqrt(scaled))
     raise ValueError(f"Unknown `kernel` {kernel!r}; choose one of {list(KERNELS)}.")
+
+
+def feature_relevance(Z: np.ndarray, expression: np.ndarray, n_components: int = RELEVANCE_COMPONENTS) -> np.ndarray:
+    """How much each column of the embedding ``Z`` follows the main axes of ``expression`` (same rows).
+
+    The squared Pearson correlation of each column with each of the first ``n_components`` principal
+    components of the standardised expression (:func:`histoseq.tl._targets.expression_components`),
+    averaged with the components' variances as weights: a value in [0, 1]; 0 for a column that is
+    constant or uncorrelated with every component.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from histoseq.tl._fit_kernel import feature_relevance
+    >>> rng = np.random.default_rng(0)
+    >>> state = rng.normal(size=200)  # one axis of expression, seen by the first column only
+    >>> expression = np.outer(state, rng.normal(size=30)) + 0.1 * rng.normal(size=(200, 30))
+    >>> Z = np.c_[state + 0.1 * rng.normal(size=200), rng.normal(size=200)]
+    >>> np.round(feature_relevance(Z, expression, n_components=1), 2).tolist()
+    [0.99, 0.0]
+
+    """
+    from ._targets import expression_components
+
+    S = expression_components(expression, n_components)
+    if S.shape[1] == 0:
+        return np.zeros(Z.shape[1])
+    Zc = Z - Z.mean(axis=0)
+    Sc = S - S.mean(axis=0)
+    z_norm = np.sqrt((Zc * Zc).sum(axis=0))
+    s_norm = np.sqrt((Sc * Sc).sum(axis=0))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        corr = (Zc.T @ Sc) / np.outer(z_norm, s_norm)
+    corr = np.where(np.isfinite(corr), corr, 0.0)
+    var = s_norm**2
+    return (corr**2 @ var) / var.sum()
+
+
+def relevance_weights(relevance: np.ndarray, power: float, blocks: Sequence[int] | None = None) -> np.ndarray:
+    """Column weights of the kernel ``∝ relevance ** power``, each part of the embedding summing to the same.
+
+    Within each part (``blocks``, see :func:`kernel_matrix`) the weights are normalised so that every part
+    still weighs ``1 / n_parts`` in total; a part whose columns are all irrelevant keeps equal weights.
+    ``power=0`` gives the weights of :func:`kernel_matrix` without ``weights``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from histoseq.tl._fit_kernel import relevance_weights
+    >>> relevance_weights(np.array([0.4, 0.1, 0.1, 0.2]), 1.0, blocks=[2, 2]).tolist()
+    [0.4, 0.1, 0.16666666666666666, 0.3333333333333333]
+
+    """
+    relevance = np.clip(np.asarray(relevance, dtype=np.float64), 0.0, None)
+    sizes = [len(relevance)] if not blocks else [int(b) for b in blocks]
+    out = np.empty_like(relevance)
+    start = 0
+    for size in sizes:
+        part = relevance[start : start + size] ** float(power)
+        total = part.sum()
+        part = part / total if total > 0 and np.isfinite(total) else np.full(size, 1.0 / size)
+        out[start : start + size] = part / len(sizes)
+        start += size
+    return out
 
 
 def _nystrom_map(K_LL: np.ndarray) -> np.ndarray:
@@ -109,7 +197,7 @@ def fit_kernel(
     coords: np.ndarray | None,
     *,
     random_state: int | None,
-    kernel: str = "rbf",
+    kernel: str = DEFAULT_KERNEL,
     gammas: Sequence[float] | None = None,
     gamma: float | None = None,
     alphas: Sequence[float] | None = None,
@@ -120,6 +208,7 @@ def fit_kernel(
     blocks: Sequence[int] | None = None,
     target_neighbors: int | Sequence[int] | None = None,
     expression: np.ndarray | None = None,
+    relevance_power: float | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[str, Any], dict[str, Any]]:
     """Kernel ridge regression with the width and penalty chosen by cross-validation on the training spots.
 
@@ -132,8 +221,13 @@ def fit_kernel(
     spots and is scored on the raw targets of its held-out spots. Without ``expression`` the targets are
     used as they are.
 
+    ``relevance_power``: each dimension of the standardised embedding weighs ``relevance ** power`` in the
+    kernel's distances (:func:`feature_relevance` against ``expression``, :func:`relevance_weights`);
+    default :data:`DEFAULT_RELEVANCE_POWER` when ``expression`` is given, equal weights without it; ``0``
+    turns the weighting off.
+
     Returns the model's arrays (``scaler_mean``, ``scaler_scale``, ``landmarks``, ``dual_coef``,
-    ``intercept``), its configuration and what was chosen (for the provenance).
+    ``intercept`` and, when weighted, ``column_weights``), its configuration and what was chosen (for the provenance).
     """
     from ._fit import DEFAULT_ALPHAS, _folds, _jsonable, _ridge_cv, _ridge_solve, _standardise
     from ._targets import neighbor_grid, smooth_targets
@@ -171,9 +265,21 @@ def fit_kernel(
         if len(expression) != n:
             raise ValueError(f"`expression` must have one row per training spot ({n}), got {len(expression)}.")
         k_grid = neighbor_grid(target_neighbors, n)
+    if relevance_power is not None and (
+        isinstance(relevance_power, bool) or not np.isfinite(float(relevance_power)) or float(relevance_power) < 0
+    ):
+        raise ValueError(
+            f"`relevance_power` must be a non-negative number (0 = equal weights), got {relevance_power!r}."
+        )
+    if expression is None and relevance_power:
+        raise ValueError("`relevance_power` above 0 needs the training spots' `expression`.")
+    power = float(DEFAULT_RELEVANCE_POWER if relevance_power is None else relevance_power)
 
     mean, scale = _standardise(X)
     Z = (X - mean) / scale
+    column_weights = None
+    if expression is not None and power > 0:
+        column_weights = relevance_weights(feature_relevance(Z, expression), power, blocks)
     m = min(n, int(max_landmarks))
     if m < n:
         rng = np.random.default_rng(random_state)
@@ -184,11 +290,12 @@ def fit_kernel(
     L = Z[landmark_rows]
 
     def features(g: float) -> tuple[np.ndarray, np.ndarray]:
-        K = kernel_matrix(Z, L, kernel=kernel, gamma=g, blocks=blocks)  # the landmarks' own block is rows of it
+        # the landmarks' own block is rows of it
+        K = kernel_matrix(Z, L, kernel=kernel, gamma=g, blocks=blocks, weights=column_weights)
         T = _nystrom_map(K[landmark_rows])
         return K @ T, T
 
-    info: dict[str, Any] = {"n_landmarks": m}
+    info: dict[str, Any] = {"n_landmarks": m, "relevance_power": power if column_weights is not None else 0.0}
     config: dict[str, Any] = {"kernel": kernel, "max_landmarks": int(max_landmarks)}
     if blocks:
         config["blocks"] = blocks
@@ -282,6 +389,8 @@ def fit_kernel(
         "dual_coef": T @ coef,
         "intercept": intercept,
     }
+    if column_weights is not None:
+        arrays["column_weights"] = column_weights
     return arrays, config, info
 
 
@@ -291,7 +400,12 @@ def predict_kernel(Z: np.ndarray, arrays: dict[str, np.ndarray], config: dict[st
     out = np.empty((len(Z), coef.shape[1]), dtype=np.float64)
     for start in range(0, len(Z), batch):
         K = kernel_matrix(
-            Z[start : start + batch], L, kernel=config["kernel"], gamma=config["gamma"], blocks=config.get("blocks")
+            Z[start : start + batch],
+            L,
+            kernel=config["kernel"],
+            gamma=config["gamma"],
+            blocks=config.get("blocks"),
+            weights=arrays.get("column_weights"),
         )
         out[start : start + batch] = K @ coef + b
     return out

@@ -76,26 +76,50 @@ def smooth_targets(
     from scipy.spatial import cKDTree
 
     Y = np.asarray(Y, dtype=np.float64)
-    E = np.asarray(expression, dtype=np.float64)
     n = len(Y)
+    E = np.asarray(expression)
     if E.ndim != 2 or len(E) != n:
         raise ValueError(f"`expression` must have one row per target row ({n}), got shape {E.shape}.")
     k = min(int(k), n)
     if k <= 1:
         return Y.copy()
+    scores = expression_components(E, n_components)
+    if scores.shape[1] == 0:  # no gene varies: every spot is everyone's neighbour
+        return np.repeat(Y.mean(axis=0, keepdims=True), n, axis=0)
+    _, idx = cKDTree(scores).query(scores, k)
+    return Y[idx].mean(axis=1)
+
+
+def expression_components(expression: np.ndarray, n_components: int = NEIGHBOR_COMPONENTS) -> np.ndarray:
+    """Scores ``(n, r)`` of the first principal components of the standardised ``expression`` ``(n, m)``.
+
+    Each gene is centred and scaled over the ``n`` spots (genes that do not vary are dropped, and with no
+    gene left ``r`` is 0); the scores are scaled by their singular values, so Euclidean distances between
+    rows approximate those of the standardised expression.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from histoseq.tl._targets import expression_components
+    >>> rng = np.random.default_rng(0)
+    >>> E = np.outer(rng.normal(size=50), [1.0, 2.0, -1.0]) + 0.01 * rng.normal(size=(50, 3))
+    >>> S = expression_components(E, 2)
+    >>> S.shape, bool(S[:, 0].var() > 100 * S[:, 1].var())  # one component carries nearly everything
+    ((50, 2), True)
+
+    """
+    E = np.asarray(expression, dtype=np.float64)
     E = E - E.mean(axis=0)
     sd = E.std(axis=0)
     E = E[:, sd > 1e-12] / sd[sd > 1e-12]
-    if E.shape[1] == 0:  # no gene varies: every spot is everyone's neighbour
-        return np.repeat(Y.mean(axis=0, keepdims=True), n, axis=0)
+    n = len(E)
+    if E.shape[1] == 0 or n == 0:
+        return np.zeros((n, 0))
     r = max(1, min(int(n_components), E.shape[1], n))
-    # principal component scores from the smaller of the two Gram matrices: (spots × spots) for few spots,
-    # (genes × genes) for many, so neither time nor memory grows with the product
+    # from the smaller of the two Gram matrices: (spots × spots) for few spots, (genes × genes) for many,
+    # so neither time nor memory grows with the product
     if n <= E.shape[1]:
         evals, evecs = np.linalg.eigh(E @ E.T)
-        scores = evecs[:, ::-1][:, :r] * np.sqrt(np.clip(evals[::-1][:r], 0, None))
-    else:
-        _, evecs = np.linalg.eigh(E.T @ E)
-        scores = E @ evecs[:, ::-1][:, :r]
-    _, idx = cKDTree(scores).query(scores, k)
-    return Y[idx].mean(axis=1)
+        return evecs[:, ::-1][:, :r] * np.sqrt(np.clip(evals[::-1][:r], 0, None))
+    _, evecs = np.linalg.eigh(E.T @ E)
+    return E @ evecs[:, ::-1][:, :r]
