@@ -58,12 +58,16 @@ ROW_OPTIONS = {
     NO_NORM: {"section_norm": False},
     "standardise": {"section_norm": "standardise"},
     "raw-targets": {"target_neighbors": 1},
+    "equal-weights": {"relevance_power": 0},
+    "rbf": {"kernel": "rbf"},
 }
 #: rows run by default (``method:encoder``, optionally ``:suffix``), in the order of the table
 DEFAULT_ROWS = (
     "kernel:morphology_context",
     "kernel:morphology_context:standardise",
     "kernel:morphology_context:raw-targets",
+    "kernel:morphology_context:equal-weights",
+    "kernel:morphology_context:rbf",
     f"kernel:morphology_context:{NO_NORM}",
     "ridge:morphology_context",
     f"ridge:morphology_context:{NO_NORM}",
