@@ -363,7 +363,7 @@ def test_kernel_chooses_target_smoothing_per_gene_by_cross_validation():
 
 
 def test_relevance_weights_come_from_the_training_spots_and_are_saved(tmp_path):
-    table, rate = shallow_table(n_per_group=80)
+    table, _ = shallow_table(n_per_group=80)
     test = (table.obs["sample_id"] == "c").to_numpy()
     kw = {"genes": ["SHALLOW", "P0"], "embedding": "X_e", "train": ["a", "b"], "progress": False}
     model = hs.tl.fit(table, **kw)
