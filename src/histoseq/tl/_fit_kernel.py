@@ -49,9 +49,10 @@ DEFAULT_RELEVANCE_POWER = 2.0
 #: Principal components of the training spots' expression that define the relevance of a dimension.
 RELEVANCE_COMPONENTS = 10
 #: Kernel widths tried, relative to the dimension ``d`` of the (standardised) embedding: the kernel reads
-#: ``exp(-gamma * |x - y|² / d)`` (``"rbf"``) or ``exp(-sqrt(gamma * |x - y|² / d))`` (``"exponential"``).
-#: Two standardised spots lie about ``2 d`` apart (squared), so ``gamma = 1`` puts a typical pair at
-#: ``exp(-2)``.
+#: ``exp(-gamma * |x - y|² / d)`` (``"rbf"``) or ``exp(-sqrt(gamma * |x - y|² / d))`` (``"exponential"``);
+#: with column weights summing to 1, ``Σ w_j (x_j - y_j)²`` takes the place of ``|x - y|² / d``. Two
+#: standardised spots lie about ``2 d`` apart (squared), so ``gamma = 1`` puts a typical pair at ``exp(-2)``
+#: (``exp(-sqrt(2))`` for the exponential kernel).
 DEFAULT_GAMMAS = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
 #: Largest number of landmarks (training spots) of the Nyström features.
 MAX_LANDMARKS = 3000
