@@ -329,8 +329,8 @@ def test_smooth_targets_averages_expression_neighbours():
 def test_kernel_chooses_target_smoothing_per_gene_by_cross_validation():
     table, rate = shallow_table()
     test = (table.obs["sample_id"] == "c").to_numpy()
-    # an RBF kernel with equal weights of the dimensions: the relevance weights find the state column
-    # (r 0.61 -> 0.75 on the raw targets here), which leaves the smoothing less to add
+    # an RBF kernel with equal weights of the dimensions: the relevance weights find the state column,
+    # which leaves the smoothing less to add
     kw = {"genes": ["SHALLOW", "P0"], "embedding": "X_e", "train": ["a", "b"], "progress": False}
     kw.update(kernel="rbf", relevance_power=0)
     raw = hs.tl.fit(table, target_neighbors=1, **kw)
@@ -385,6 +385,9 @@ def test_relevance_weights_come_from_the_training_spots_and_are_saved(tmp_path):
     # power 0: equal weights, nothing stored
     equal = hs.tl.fit(table, relevance_power=0, **kw)
     assert "column_weights" not in equal._arrays and equal.provenance["relevance_power"] == 0.0
+    # None is the default power, also without target smoothing
+    unsmoothed = hs.tl.fit(table, relevance_power=None, target_neighbors=1, **kw)
+    assert unsmoothed.provenance["relevance_power"] == 2.0 and "column_weights" in unsmoothed._arrays
     for bad in (-1.0, float("nan"), True):
         with pytest.raises(ValueError, match="relevance_power"):
             hs.tl.fit(table, relevance_power=bad, **kw)

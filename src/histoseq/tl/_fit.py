@@ -1987,7 +1987,8 @@ def _fit(
         blocks = _embedding_dims(table, embedding) if len(_embedding_parts(embedding)) > 1 else None
         expression = None
         smoothing = neighbor_grid(method_kwargs.get("target_neighbors"), len(rows)) != [1]
-        if smoothing or method_kwargs.get("relevance_power", DEFAULT_RELEVANCE_POWER):
+        power = method_kwargs.get("relevance_power")
+        if smoothing or (DEFAULT_RELEVANCE_POWER if power is None else power):
             counts = table.X[rows]
             # the training spots' expression: each one's neighbours for target smoothing are found in it, and
             # the embedding's dimensions are weighted by how well they follow it
