@@ -49,8 +49,10 @@ import numpy as np
 
 DATASETS = ("her2st", "mob")
 GENE_SETS = {"hvg": "seurat", "top": "mean"}
+#: the embedding ``hs.tl.fit`` reads without ``embedding=`` (its two parts, as row encoders)
+DEFAULT_ENCODER = "morphology_context+tissue_position"
 #: what ``hs.tl.fit`` does without ``method=`` and ``embedding=``
-DEFAULT_ROW = "kernel:morphology_context"
+DEFAULT_ROW = f"kernel:{DEFAULT_ENCODER}"
 #: row suffix that turns off the per-section normalisation of the embedding (``section_norm=False``)
 NO_NORM = "no-section-norm"
 #: row suffixes (ablations of one default of ``hs.tl.fit``) and the options they pass
@@ -63,24 +65,28 @@ ROW_OPTIONS = {
 }
 #: rows run by default (``method:encoder``, optionally ``:suffix``), in the order of the table
 DEFAULT_ROWS = (
+    DEFAULT_ROW,
+    f"{DEFAULT_ROW}:standardise",
+    f"{DEFAULT_ROW}:raw-targets",
+    f"{DEFAULT_ROW}:equal-weights",
+    f"{DEFAULT_ROW}:rbf",
+    f"{DEFAULT_ROW}:{NO_NORM}",
     "kernel:morphology_context",
-    "kernel:morphology_context:standardise",
-    "kernel:morphology_context:raw-targets",
-    "kernel:morphology_context:equal-weights",
-    "kernel:morphology_context:rbf",
-    f"kernel:morphology_context:{NO_NORM}",
+    "kernel:tissue_position",
+    f"ridge:{DEFAULT_ENCODER}",
+    f"ridge:{DEFAULT_ENCODER}:{NO_NORM}",
     "ridge:morphology_context",
-    f"ridge:morphology_context:{NO_NORM}",
     "ridge:morphology",
     "ridge:imagenet",
     "kernel:imagenet",
     "kernel:imagenet_context",
     "kernel:morphology_context+imagenet_context",
+    f"kernel:{DEFAULT_ENCODER}+imagenet_context",
     "ridge:autoencoder",
     "ridge:simclr",
     "kernel:simclr",
-    "mlp:morphology_context",
-    "contrastive:morphology_context",
+    f"mlp:{DEFAULT_ENCODER}",
+    f"contrastive:{DEFAULT_ENCODER}",
     "cnn:small_cnn",
     "ridge_hest:imagenet",
     "ridge_hest:morphology_context",
@@ -114,6 +120,7 @@ FROZEN = {
     "morphology_context": None,  # the default embedding of hs.tl.fit (EMBEDDING_PRESETS), filled in below
     "imagenet": {"encoder": "imagenet", "patch_size_um": 224.0, "patch_px": 224},
     "imagenet_context": None,  # EMBEDDING_PRESETS["X_imagenet_context"]: ImageNet at 224, 448 and 800 µm
+    "tissue_position": None,  # EMBEDDING_PRESETS["X_tissue_position"]: distance to the tissue's centroid
 }
 PRETRAINED = {"autoencoder", "simclr"}
 
@@ -205,18 +212,23 @@ def _embed_pretrained(sdata, method: str, sections: list[str], settings: Setting
     return f"X_{key}"
 
 
-def _shuffled(sdata, base: str, seed: int) -> str:
-    """The embedding ``base`` with rows permuted within each section: image and expression unpaired."""
+def _shuffled(sdata, parts: list[str], seed: int) -> str:
+    """The embedding of ``parts`` with rows permuted within each section: image and expression unpaired.
+
+    Every part is permuted alike, so the shuffled embedding keeps the parts of each spot together.
+    """
     table = sdata.tables["table"]
-    key = "X_bench_shuffled"
-    X = np.asarray(table.obsm[base]).copy()
     rng = np.random.default_rng(seed)
     sections = table.obs["sample_id"].astype(str).to_numpy()
+    order = np.arange(table.n_obs)
     for s in np.unique(sections):
         rows = np.flatnonzero(sections == s)
-        X[rows] = X[rng.permutation(rows)]
-    table.obsm[key] = X
-    return key
+        order[rows] = rng.permutation(rows)
+    keys = []
+    for i, part in enumerate(parts):
+        keys.append(f"X_bench_shuffled{i}")
+        table.obsm[keys[-1]] = np.asarray(table.obsm[part])[order]
+    return "+".join(keys)
 
 
 def _depth_key(sdata) -> str:
@@ -284,8 +296,9 @@ def run_row(row: str, sdata, fold_key: str, test_group: str, settings: Settings,
         kwargs["section_norm"] = False
     fit_method = method
     if method == "control" and encoder == "shuffled":
-        fit_method, default_encoder = DEFAULT_ROW.split(":")
-        embedding = _shuffled(sdata, _embed_frozen(sdata, default_encoder), settings.random_state)
+        fit_method = DEFAULT_ROW.split(":")[0]
+        parts = [_embed_frozen(sdata, part) for part in DEFAULT_ENCODER.split("+")]
+        embedding = _shuffled(sdata, parts, settings.random_state)
     elif method == "control":
         # linear in the log depth of each section, as before the default became the rank normalisation
         fit_method, embedding = "ridge", _depth_key(sdata)

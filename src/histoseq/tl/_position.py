@@ -1,0 +1,128 @@
+"""Where each spot lies in its piece of tissue, read from the image alone: the ``"tissue_position"`` encoder.
+
+Many tissues are organised around their middle: the olfactory bulb in concentric layers, a lymph node
+in cortex and medulla, a tumour with an invasive rim. A spot's distance to the centroid of the tissue
+says where it sits in that organisation, which a patch, however large, cannot see. The distance is
+measured on the tissue mask of the image (:func:`histoseq.pp.detect_tissue`'s detection), so it needs
+no expression and works on dense grids and on image-only slides like any other encoder.
+
+The distance is in µm; :func:`histoseq.tl.fit`'s default per-section rank normalisation turns it into
+"how central is this spot within its section", comparable between sections of different sizes.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from spatialdata import SpatialData
+
+    from .._sdata import Region
+
+logger = logging.getLogger(__name__)
+
+#: Name of the encoder in :func:`histoseq.tl.embed`.
+ENCODER = "tissue_position"
+#: Names of its features, in column order.
+FEATURE_NAMES = ("centroid_distance_um",)
+#: Largest tissue mask (pixels) the detection runs on: a coarse pyramid level is plenty for a centroid.
+MAX_MASK_PIXELS = 4_000_000
+#: Pieces of tissue smaller than this share of the tissue area are debris and ignored.
+MIN_PIECE_FRACTION = 0.01
+#: Tissue must be at least this much darker than the glass (mean grey level, 0-255) to count as found.
+MIN_CONTRAST = 10.0
+#: Warn when the tissue runs along more than this share of the image border (a cut-off section).
+MAX_BORDER_FRACTION = 0.1
+
+
+def tissue_geometry(sdata: SpatialData, image_key: str, method: str = "otsu") -> dict[str, Any]:
+    """The tissue mask of an image at a coarse level, cleaned, with its centroid and a few checks.
+
+    Returns ``{"mask", "level", "downsample"}`` (the boolean mask, its pyramid level and its pixel size
+    in level-0 pixels along ``(y, x)``) and the JSON-able summary ``"info"``: ``centroid_px`` (level-0
+    ``(x, y)``), ``tissue_area_mm2``, ``n_pieces`` (pieces holding at least 1% of the tissue), the share
+    of the tissue in the largest piece, and ``border_fraction`` (share of the image border covered by
+    tissue; a section cut off by the image edge has a centroid that is not its middle).
+    """
+    from scipy import ndimage as ndi
+
+    from .._sdata import image_levels, image_ref
+    from ..pp._grid import _tissue_mask
+
+    ref = image_ref(sdata, image_key)
+    try:
+        mask, level = _tissue_mask(sdata, image_key, MAX_MASK_PIXELS, method)
+    except ValueError as err:
+        if "No tissue found" not in str(err):
+            raise
+        raise ValueError(
+            f"The tissue_position encoder found no tissue in image {image_key!r}: the image looks blank. It measures "
+            "where each spot lies in the tissue, so it needs the H&E (or stained) image with tissue on glass."
+        ) from None
+    mask = ndi.binary_fill_holes(ndi.binary_opening(mask, iterations=2))
+    labels, n = ndi.label(mask)
+    sizes = np.bincount(labels.ravel(), minlength=n + 1)[1:]
+    gray = np.asarray(image_levels(sdata.images[image_key])[level].data, dtype=np.float32)[:3].mean(axis=0)
+    # tissue is darker than glass in bright field, brighter than the background in fluorescence
+    contrast = abs(float(gray[~mask].mean() - gray[mask].mean())) if 0 < mask.sum() < mask.size else 0.0
+    if sizes.sum() == 0 or contrast < MIN_CONTRAST:
+        raise ValueError(
+            f"The tissue_position encoder found no tissue in image {image_key!r}: what the detection split off is "
+            f"hardly differs from the rest ({contrast:.1f} grey levels apart). It measures where each spot lies in the "
+            "tissue, so it needs the H&E (or stained) image with tissue on glass."
+        )
+    keep = np.flatnonzero(sizes >= MIN_PIECE_FRACTION * sizes.sum()) + 1
+    mask = np.isin(labels, keep)
+    dy, dx = ref.level_downsample(level)
+    cy, cx = ndi.center_of_mass(mask)
+    border = np.concatenate([mask[0], mask[-1], mask[1:-1, 0], mask[1:-1, -1]])
+    px_area_mm2 = ref.pixel_size_um**2 * dy * dx / 1e6
+    info = {
+        # the mask's pixel (i, j) covers [i, i + 1) at its level: its centre is at i + 0.5
+        "centroid_px": [float((cx + 0.5) * dx), float((cy + 0.5) * dy)],
+        "tissue_area_mm2": float(mask.sum() * px_area_mm2),
+        "n_pieces": len(keep),
+        "largest_piece_fraction": float(sizes[keep - 1].max() / sizes[keep - 1].sum()),
+        "border_fraction": float(border.mean()),
+        "contrast": contrast,
+        "mask_level": int(level),
+        "method": method,
+    }
+    if info["border_fraction"] > MAX_BORDER_FRACTION:
+        logger.warning(
+            "The tissue of image %r runs along %.0f%% of the image border: if the section is cut off, its centroid "
+            "is not the middle of the tissue, and the tissue_position feature means less there.",
+            image_key,
+            100 * info["border_fraction"],
+        )
+    if info["largest_piece_fraction"] < 0.5:
+        logger.warning(
+            "The tissue of image %r is in %d pieces, none holding half of it: the tissue_position feature measures "
+            "the distance to the centroid of all pieces together.",
+            image_key,
+            info["n_pieces"],
+        )
+    return {"mask": mask, "level": int(level), "downsample": (dy, dx), "info": info}
+
+
+def tissue_position(
+    sdata: SpatialData, regions: list[Region], n_obs: int, method: str = "otsu"
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """Each spot's distance (µm) to the centroid of its image's tissue, ``(n_obs, 1)`` float32.
+
+    Rows not in ``regions`` are NaN. Returns the features and, per image, the summary of
+    :func:`tissue_geometry`.
+    """
+    out = np.full((n_obs, len(FEATURE_NAMES)), np.nan, dtype=np.float32)
+    images: dict[str, dict[str, Any]] = {}
+    for region in regions:
+        key = region.image.key
+        if key not in images:
+            images[key] = tissue_geometry(sdata, key, method)["info"]
+        centroid = np.asarray(images[key]["centroid_px"])
+        distance_px = np.hypot(*(region.centers_px[:, :2] - centroid).T)
+        out[region.rows, 0] = distance_px * region.image.pixel_size_um
+    return out, images

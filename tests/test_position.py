@@ -1,0 +1,107 @@
+"""The ``"tissue_position"`` encoder: each spot's distance to the centroid of its tissue, from the image alone."""
+
+from __future__ import annotations
+
+import logging
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import spatialdata as sd
+from spatialdata.models import Image2DModel, ShapesModel, TableModel
+from spatialdata.transformations import Identity, Scale
+
+import histoseq as hs
+from histoseq._sdata import resolve_regions
+from histoseq.tl._position import tissue_position
+
+PX_UM = 2.0
+
+
+def tissue_slide(
+    centre=(620.0, 480.0), radius=300.0, shape=(1000, 1200), spots=None, blank=False, seed=0
+) -> sd.SpatialData:
+    """Glass with one disk of pink tissue (``centre`` as ``(x, y)`` px), spots at ``spots`` (px)."""
+    rng = np.random.default_rng(seed)
+    h, w = shape
+    yy, xx = np.mgrid[0:h, 0:w] + 0.5
+    img = np.clip(rng.normal(240, 4, (h, w, 3)), 0, 255)
+    disk = (xx - centre[0]) ** 2 + (yy - centre[1]) ** 2 <= radius**2
+    if not blank:
+        img[disk] = np.clip(rng.normal((190, 110, 170), 12, (int(disk.sum()), 3)), 0, 255)
+    t = {"s": Identity(), "s_um": Scale([PX_UM, PX_UM], axes=("y", "x"))}
+    image = Image2DModel.parse(
+        np.moveaxis(img.astype(np.uint8), -1, 0), dims=("c", "y", "x"), c_coords=["r", "g", "b"], transformations=t
+    )
+    xy = np.asarray(spots if spots is not None else [[620, 480], [720, 480], [620, 700], [400, 300]], float)
+    n = len(xy)
+    shapes = ShapesModel.parse(xy, geometry=0, radius=np.full(n, 10.0), index=pd.Index(np.arange(n)), transformations=t)
+    obs = pd.DataFrame(
+        {"region": pd.Categorical(["spots"] * n), "spot_id": np.arange(n)}, index=[f"spot{i}" for i in range(n)]
+    )
+    table = TableModel.parse(
+        ad.AnnData(np.ones((n, 2), np.float32), obs=obs), region="spots", region_key="region", instance_key="spot_id"
+    )
+    return sd.SpatialData(images={"img": image}, shapes={"spots": shapes}, tables={"table": table})
+
+
+def test_distance_to_the_tissue_centroid_in_um():
+    sdata = tissue_slide()
+    hs.tl.embed(sdata, encoder="tissue_position", progress=False)
+    table = sdata.tables["table"]
+    expected = np.array([0.0, 100.0, 220.0, np.hypot(220, 180)]) * PX_UM
+    np.testing.assert_allclose(table.obsm["X_tissue_position"][:, 0], expected, atol=1.5)
+    entry = table.uns["tissue_position"]
+    assert entry["params"]["encoder"] == "tissue_position" and entry["params"]["feature_names"] == [
+        "centroid_distance_um"
+    ]
+    info = entry["images"]["img"]
+    np.testing.assert_allclose(info["centroid_px"], [620, 480], atol=0.75)
+    assert info["n_pieces"] == 1 and info["border_fraction"] == 0.0
+    np.testing.assert_allclose(info["tissue_area_mm2"], np.pi * (300 * PX_UM) ** 2 / 1e6, rtol=0.02)
+
+
+def test_subset_of_spots_and_inplace_false():
+    sdata = tissue_slide()
+    out = hs.tl.embed(sdata, encoder="tissue_position", spots=[True, False, True, False], inplace=False)
+    assert "X_tissue_position" not in sdata.tables["table"].obsm and "tissue_position" not in sdata.tables["table"].uns
+    assert np.isfinite(out[[0, 2], 0]).all() and np.isnan(out[[1, 3], 0]).all()
+
+
+def test_a_cut_off_or_scattered_tissue_is_flagged(caplog):
+    cut = tissue_slide(centre=(100.0, 480.0), spots=[[150, 480]])
+    with caplog.at_level(logging.WARNING, logger="histoseq.tl._position"):
+        hs.tl.embed(cut, encoder="tissue_position", progress=False)
+    assert "image border" in caplog.text
+    assert cut.tables["table"].uns["tissue_position"]["images"]["img"]["border_fraction"] > 0.1
+
+
+def test_blank_image_fails_clearly_and_changes_nothing():
+    sdata = tissue_slide(blank=True)
+    before = set(sdata.tables["table"].obsm), set(sdata.tables["table"].uns)
+    with pytest.raises(ValueError, match="found no tissue in image 'img'"):
+        hs.tl.embed(sdata, encoder="tissue_position", progress=False)
+    assert (set(sdata.tables["table"].obsm), set(sdata.tables["table"].uns)) == before
+
+
+def test_works_on_a_dense_grid_without_a_table():
+    sdata = hs.datasets.synthetic(n_sections=1, section_size_um=900, random_state=0, progress=False)
+    hs.pp.make_grid(sdata, image_key="section0_image", spacing_um=100, key_added="grid")
+    regions = resolve_regions(sdata, table_key=None, shapes_key="grid")
+    out, images = tissue_position(sdata, regions, len(sdata.shapes["grid"]))
+    assert np.isfinite(out).all() and out.min() >= 0
+    # the grid covers the tissue, so its tiles spread evenly around the centroid
+    centres = regions[0].centers_px
+    np.testing.assert_allclose(centres.mean(axis=0), images["section0_image"]["centroid_px"], atol=100 / 0.5)
+
+
+def test_the_embedding_follows_the_tissue_not_the_spot_layout():
+    # the same tissue, shifted on the glass: the distances stay; the spots' own layout does not enter
+    a = tissue_slide(centre=(620.0, 480.0), spots=[[620, 480], [720, 480]])
+    b = tissue_slide(centre=(560.0, 520.0), spots=[[560, 520], [660, 520]], seed=1)
+    for s in (a, b):
+        hs.tl.embed(s, encoder="tissue_position", progress=False)
+    np.testing.assert_allclose(
+        a.tables["table"].obsm["X_tissue_position"], b.tables["table"].obsm["X_tissue_position"], atol=1.5
+    )
