@@ -209,14 +209,16 @@ def test_an_embedding_of_several_parts_weighs_each_part_the_same(synthetic, tmp_
     test = (table.obs["sample_id"] == "section2").to_numpy()
     genes = list(table.var_names[table.var["learnable"].to_numpy()])[:8]
     truth = transform_counts(table.X[test], "log1p_cp10k", table.var_names.get_indexer(genes))
-    # every dimension of a part weighs the same here; the relevance weights are tested below
+    # every dimension of a part, and every part, weighs the same here; relevance weights and the choice of part
+    # weights are tested below
     kw = {"genes": genes, "train": ["section0", "section1"], "progress": False, "relevance_power": 0}
+    kw_parts = {**kw, "part_weights": [[1, 1]]}
 
     def score(model):
         pred = hs.tl.predict(sdata, model, inplace=False)[test.nonzero()[0]]
         return float(np.nanmean(_column_pearson(np.asarray(pred[:, genes].X, float), truth)))
 
-    parts = hs.tl.fit(sdata, embedding=["X_small", "X_wide"], **kw)
+    parts = hs.tl.fit(sdata, embedding=["X_small", "X_wide"], **kw_parts)
     joined = hs.tl.fit(sdata, embedding="X_joined", **kw)
     # one kernel over the plain concatenation is ruled by the 300 noise dimensions; parts weigh the same
     assert score(parts) > 0.4 and score(parts) > score(joined) + 0.1
@@ -228,9 +230,10 @@ def test_an_embedding_of_several_parts_weighs_each_part_the_same(synthetic, tmp_
     assert w.shape == (312,) and np.isclose(w.sum(), 1.0) and w[:12].sum() > 0.5
     assert parts.embedding == "X_small+X_wide" and parts.n_features == 312
     assert parts.config["blocks"] == [12, 300] and "blocks" not in joined.config
+    assert parts.config["part_weights"] == [0.5, 0.5]
     assert set(parts.embedding_params["parts"]) == {"X_small", "X_wide"}
     # the "+" spelling is the same model; saving and loading keeps the parts
-    same = hs.tl.fit(sdata, embedding="X_small + X_wide", **kw)
+    same = hs.tl.fit(sdata, embedding="X_small + X_wide", **kw_parts)
     np.testing.assert_allclose(
         same.predict_embeddings(table.obsm["X_joined"]), parts.predict_embeddings(table.obsm["X_joined"])
     )
@@ -411,3 +414,39 @@ def test_relevance_weights_keep_each_part_of_an_embedding_at_its_share():
     Z[:, 4] = 1.0
     assert feature_relevance(Z, expression)[4] == 0.0
     np.testing.assert_allclose(relevance_weights(np.array([0.3, 0.0, 0.0]), 1.0, blocks=[1, 2])[1:], [0.25, 0.25])
+
+
+def test_cross_validation_drops_an_added_part_that_says_nothing(synthetic, tmp_path):
+    from test_fit import light_copy
+
+    from histoseq.tl._fit_kernel import default_part_weights
+
+    assert default_part_weights(2) == [[1.0, 1.0], [1.0, 0.0]]
+    sdata = light_copy(synthetic)
+    table = sdata.tables["table"]
+    rng = np.random.default_rng(4)
+    table.obsm["X_noise"] = rng.normal(size=(table.n_obs, 3))  # e.g. a position that means nothing here
+    table.obsm["X_some"] = table.obsm["X_e"][:, :2]  # part of the signal
+    table.obsm["X_more"] = table.obsm["X_e"][:, 2:12]  # the rest of it
+    genes = list(table.var_names[table.var["learnable"].to_numpy()])[:8]
+    kw = {"genes": genes, "train": ["section0", "section1"], "progress": False}
+    noise = hs.tl.fit(sdata, embedding=["X_e", "X_noise"], **kw)
+    assert noise.config["part_weights"] == [1.0, 0.0]
+    cv = noise.provenance["cv"]
+    assert cv["part_weights"] == [[0.5, 0.5], [1.0, 0.0]]
+    assert cv["part_weight_scores"][1] < cv["part_weight_scores"][0]  # held-out error without the noise part
+    assert "parts weighted 1, 0" in repr(noise)
+    kept = hs.tl.fit(sdata, embedding=["X_some", "X_more"], **kw)
+    assert kept.config["part_weights"] == [0.5, 0.5]
+    # the chosen weights are part of the saved model
+    loaded = hs.tl.load_model(noise.save(tmp_path / "noise"))
+    X = np.c_[table.obsm["X_e"], table.obsm["X_noise"]]
+    np.testing.assert_allclose(
+        loaded.predict_embeddings(X, sections=table.obs["sample_id"].to_numpy()),
+        noise.predict_embeddings(X, sections=table.obs["sample_id"].to_numpy()),
+        rtol=1e-6,
+    )
+    with pytest.raises(ValueError, match="one per part"):
+        hs.tl.fit(sdata, embedding=["X_e", "X_noise"], part_weights=[[1, 1, 1]], **kw)
+    with pytest.raises(ValueError, match="one part"):
+        hs.tl.fit(sdata, embedding="X_e", part_weights=[[1]], **kw)

@@ -145,9 +145,10 @@ def demo(args: argparse.Namespace) -> int:
 
     say(f"Fitting the default model (hs.tl.fit) on {', '.join(train)}; holding out {test}...")
     say(
-        "  kernel ridge on morphology at 224, 448 and 800 µm around each spot (computed by fit, rank-normalised "
-        "within each section, each dimension weighted by how well it follows the training spots' expression); "
-        "kernel width, penalty and target smoothing by leave-one-section-out CV"
+        "  kernel ridge on morphology at 224, 448 and 800 µm around each spot and on the spot's distance to the "
+        "tissue's centroid (both computed by fit, rank-normalised within each section, each dimension weighted by "
+        "how well it follows the training spots' expression); kernel width, penalty and target smoothing by "
+        "leave-one-section-out CV"
     )
     model = hs.tl.fit(sdata, genes=list(table.var_names), train=train, progress=progress)
     say(
@@ -171,8 +172,8 @@ def demo(args: argparse.Namespace) -> int:
         line = f"{kind:<16} {learn:<14} n={len(genes):>2}  mean r = {r.mean():+.2f}"
         say(f"    {line}  (depth-partial {partial.mean():+.2f}, noise ceiling {ceiling.mean():.2f})")
     learnable = table.var["learnable"].to_numpy(bool)
-    compare = {"X_morphology_context": scores["pearson"]}
-    for key in ("X_morphology", "X_ssl") if ssl_path is not None else ("X_morphology",):
+    compare = {model.embedding: scores["pearson"]}
+    for key in ("X_morphology_context", "X_morphology", "X_ssl") if ssl_path is not None else ("X_morphology",):
         other = hs.tl.fit(sdata, genes=list(table.var_names), train=train, embedding=key, progress=False)
         hs.tl.predict(sdata, other, key_added=f"predicted_{key}")
         sc = hs.tl.evaluate(sdata, layer=f"predicted_{key}", spots=is_test)
@@ -180,7 +181,7 @@ def demo(args: argparse.Namespace) -> int:
     say(f"  held-out {test}, the default model on each embedding: mean r of the learnable genes / of the others")
     for key, r in compare.items():
         r = r.reindex(table.var_names)
-        say(f"    {key:<22} {np.nanmean(r[learnable]):+.2f} / {np.nanmean(r[~learnable]):+.2f}")
+        say(f"    {key:<40} {np.nanmean(r[learnable]):+.2f} / {np.nanmean(r[~learnable]):+.2f}")
 
     if not args.no_write:
         import matplotlib

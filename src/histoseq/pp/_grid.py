@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -26,6 +28,24 @@ def _detection_level(levels: list[Any], max_pixels: int) -> int:
     return len(levels) - 1
 
 
+@contextmanager
+def _quiet_detection() -> Iterator[None]:
+    """Hush squidpy's progress messages (spatialdata's logger at INFO) and its scikit-image deprecation notices."""
+    import warnings
+
+    from spatialdata._logging import logger as sd_logger
+
+    level = sd_logger.level
+    sd_logger.setLevel(max(level, logging.WARNING))
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=FutureWarning, module=r"squidpy\..*")
+            warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"squidpy\..*")
+            yield
+    finally:
+        sd_logger.setLevel(level)
+
+
 def _tissue_mask(sdata: SpatialData, image_key: str, max_pixels: int, method: str) -> tuple[np.ndarray, int]:
     """Boolean tissue mask at a coarse pyramid level, and that level.
 
@@ -44,7 +64,8 @@ def _tissue_mask(sdata: SpatialData, image_key: str, max_pixels: int, method: st
         raise ValueError(f"Image {image_key!r} has {small.sizes['c']} channels; tissue detection needs RGB or gray.")
     arr = np.asarray(small.data)[:3]
     tmp = SD(images={"coarse": Image2DModel.parse(arr, dims=("c", "y", "x"))})
-    labels = sq_detect(tmp, "coarse", method=method, inplace=False)
+    with _quiet_detection():
+        labels = sq_detect(tmp, "coarse", method=method, inplace=False)
     mask = np.asarray(labels) > 0
     if not mask.any() or (mask.all() and arr.std() < 1):
         raise ValueError(

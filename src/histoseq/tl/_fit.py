@@ -1440,6 +1440,11 @@ class ExpressionModel:
                     if p.get("relevance_power")
                     else ""
                 )
+                + (
+                    f", parts weighted {', '.join(f'{w:.2g}' for w in c['part_weights'])}"
+                    if c.get("part_weights")
+                    else ""
+                )
             )
         elif self._method in ("ridge", "ridge_hest"):
             lines.append(
@@ -1519,6 +1524,7 @@ _METHOD_OPTIONS = {
         "n_splits",
         "target_neighbors",
         "relevance_power",
+        "part_weights",
     },
     "ridge": {"alphas", "alpha", "n_components", "alpha_scoring", "n_splits"},
     "ridge_hest": {"n_components"},
@@ -1698,7 +1704,10 @@ def fit(
       distances. The width (``gammas``, default ``(0.01, 0.03, ..., 3, 10)``) and the penalty
       (``alphas``, as for ridge) are chosen together by the same cross-validation inside the training
       data as for ridge (``alpha_scoring``, ``n_splits``); ``gamma=``/``alpha=`` fix them. The same
-      cross-validation decides whether the model trains on each training spot's targets averaged over
+      cross-validation weighs the parts of an embedding made of several (``part_weights``: by default all
+      alike or, for each part after the first, without it, so that a part that says nothing about the
+      training sections' expression is left out; :func:`~histoseq.tl._fit_kernel.default_part_weights`),
+      and decides whether the model trains on each training spot's targets averaged over
       its nearest training spots in expression (``target_neighbors``, default ``(1, 10)``; ``1`` = the
       raw targets), which averages out counting noise: each inner fold smooths among its own training
       spots and is scored on raw held-out targets (:mod:`histoseq.tl._targets`). Beyond
@@ -1769,9 +1778,10 @@ def fit(
         Key of the embedding in ``obsm`` (not used by ``"cnn"``), or several keys (a list, or joined by
         ``"+"``) read as one concatenated embedding, e.g. ``["X_morphology_context", "X_imagenet"]``: the
         hand-crafted features and a CNN's see different things. Each part is computed when absent (as
-        above, without ``embed_kwargs``) and recorded with its parameters. The kernel method weighs every
-        part the same, whatever its dimension (:func:`~histoseq.tl._fit_kernel.kernel_matrix`); the other
-        methods read the concatenation. Prediction needs all the parts.
+        above, with ``embed_kwargs[part]``) and recorded with its parameters. The kernel method weighs
+        the parts by their share of the distance, whatever their dimensions, the shares chosen by
+        cross-validation (``part_weights``, see above; :func:`~histoseq.tl._fit_kernel.kernel_matrix`);
+        the other methods read the concatenation. Prediction needs all the parts.
     section_norm
         ``"rank"``, ``"standardise"`` (``True``) or ``False``: how the embedding is normalised within each
         section (see above; not used by ``"cnn"``).
@@ -1808,13 +1818,12 @@ def fit(
         several parts, a mapping from part to options, e.g. ``{"X_morphology_context": {"patch_px": 112}}``.
     **method_kwargs
         Options of the method: ``kernel``, ``gammas``, ``gamma``, ``max_landmarks``, ``target_neighbors``,
-        ``relevance_power`` (kernel); ``alphas``, ``alpha``, ``alpha_scoring``, ``n_splits`` (kernel and
-        ridge); ``n_components`` (ridge, ``ridge_hest``); ``n_hidden``, ``n_layers``, ``dropout`` (MLP, cnn);
-        ``encoder``, ``weights``, ``patch_size_um``, ``patch_px``, ``encoder_lr``, ``flips``, ``stain_jitter``,
-        ``tta`` (cnn);
-        ``n_proj``, ``dropout``, ``temperature``, ``k``, ``weighting`` (contrastive); and ``lr``,
-        ``weight_decay``, ``batch_size``, ``patience``, ``val_groups``, ``val_fraction``,
-        ``trainer_kwargs`` (all networks).
+        ``relevance_power``, ``part_weights`` (kernel); ``alphas``, ``alpha``, ``alpha_scoring``, ``n_splits``
+        (kernel and ridge); ``n_components`` (ridge, ``ridge_hest``); ``n_hidden``, ``n_layers``, ``dropout``
+        (MLP, cnn); ``encoder``, ``weights``, ``patch_size_um``, ``patch_px``, ``encoder_lr``, ``flips``,
+        ``stain_jitter``, ``tta`` (cnn); ``n_proj``, ``dropout``, ``temperature``, ``k``, ``weighting``
+        (contrastive); and ``lr``, ``weight_decay``, ``batch_size``, ``patience``, ``val_groups``,
+        ``val_fraction``, ``trainer_kwargs`` (all networks).
 
     Returns
     -------

@@ -64,14 +64,31 @@ def _sq_dist(A: np.ndarray, B: np.ndarray) -> np.ndarray:
     return np.maximum(d, 0.0, out=d)
 
 
-def _column_weights(d: int, blocks: Sequence[int] | None) -> np.ndarray | None:
-    """Weights of the squared differences per column: ``1 / (d_b × n_blocks)`` for a column of block ``b``."""
+def _part_shares(n_parts: int, part_weights: Sequence[float] | None) -> np.ndarray:
+    """The share of each part in the kernel's distance: ``part_weights`` normalised to sum 1 (default equal)."""
+    if part_weights is None:
+        return np.full(n_parts, 1.0 / n_parts)
+    w = np.asarray(part_weights, dtype=np.float64).ravel()
+    if len(w) != n_parts or not np.all(np.isfinite(w) & (w >= 0)) or w.sum() <= 0:
+        raise ValueError(
+            f"Part weights must be {n_parts} non-negative numbers, not all zero (one per part), got {part_weights!r}."
+        )
+    return w / w.sum()
+
+
+def _column_weights(
+    d: int, blocks: Sequence[int] | None, part_weights: Sequence[float] | None = None
+) -> np.ndarray | None:
+    """Weights of the squared differences per column: ``share_b / d_b`` for a column of block ``b``.
+
+    ``share_b`` is ``1 / n_blocks`` unless ``part_weights`` says otherwise (see :func:`_part_shares`).
+    """
     if not blocks:
         return None
     sizes = np.asarray(blocks, dtype=int)
     if (sizes < 1).any() or sizes.sum() != d:
         raise ValueError(f"The embedding's parts {list(sizes)} do not add up to its {d} dimensions.")
-    return np.repeat(1.0 / (sizes * len(sizes)), sizes)
+    return np.repeat(_part_shares(len(sizes), part_weights) / sizes, sizes)
 
 
 def kernel_matrix(
@@ -155,12 +172,17 @@ def feature_relevance(Z: np.ndarray, expression: np.ndarray, n_components: int =
     return (corr**2 @ var) / var.sum()
 
 
-def relevance_weights(relevance: np.ndarray, power: float, blocks: Sequence[int] | None = None) -> np.ndarray:
+def relevance_weights(
+    relevance: np.ndarray,
+    power: float,
+    blocks: Sequence[int] | None = None,
+    part_weights: Sequence[float] | None = None,
+) -> np.ndarray:
     """Column weights of the kernel ``∝ relevance ** power``, each part of the embedding summing to the same.
 
     Within each part (``blocks``, see :func:`kernel_matrix`) the weights are normalised so that every part
-    still weighs ``1 / n_parts`` in total; a part whose columns are all irrelevant keeps equal weights.
-    ``power=0`` gives the weights of :func:`kernel_matrix` without ``weights``.
+    still weighs ``1 / n_parts`` in total (or its share of ``part_weights``); a part whose columns are all
+    irrelevant keeps equal weights. ``power=0`` gives the weights of :func:`kernel_matrix` without ``weights``.
 
     Examples
     --------
@@ -172,14 +194,36 @@ def relevance_weights(relevance: np.ndarray, power: float, blocks: Sequence[int]
     """
     relevance = np.clip(np.asarray(relevance, dtype=np.float64), 0.0, None)
     sizes = [len(relevance)] if not blocks else [int(b) for b in blocks]
+    shares = _part_shares(len(sizes), part_weights)
     out = np.empty_like(relevance)
     start = 0
-    for size in sizes:
+    for size, share in zip(sizes, shares, strict=True):
         part = relevance[start : start + size] ** float(power)
         total = part.sum()
         part = part / total if total > 0 and np.isfinite(total) else np.full(size, 1.0 / size)
-        out[start : start + size] = part / len(sizes)
+        out[start : start + size] = part * share
         start += size
+    return out
+
+
+def default_part_weights(n_parts: int) -> list[list[float]]:
+    """The weightings of an embedding's parts that :func:`fit_kernel` chooses from by default.
+
+    The first part is the base (the default embedding's morphology); every other part is an addition that
+    must earn its place: the candidates are all parts weighing the same, and each of the added parts left
+    out. An addition that carries nothing about expression on the training sections (the tissue position
+    of a tissue without a centre-related organisation) is dropped by the cross-validation, not averaged in.
+
+    Examples
+    --------
+    >>> from histoseq.tl._fit_kernel import default_part_weights
+    >>> default_part_weights(3)
+    [[1.0, 1.0, 1.0], [1.0, 0.0, 1.0], [1.0, 1.0, 0.0]]
+
+    """
+    out = [[1.0] * n_parts]
+    for b in range(1, n_parts):
+        out.append([0.0 if i == b else 1.0 for i in range(n_parts)])
     return out
 
 
@@ -210,6 +254,7 @@ def fit_kernel(
     target_neighbors: int | Sequence[int] | None = None,
     expression: np.ndarray | None = None,
     relevance_power: float | None = None,
+    part_weights: Sequence[Sequence[float]] | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[str, Any], dict[str, Any]]:
     """Kernel ridge regression with the width and penalty chosen by cross-validation on the training spots.
 
@@ -221,6 +266,10 @@ def fit_kernel(
     by the same cross-validation as the width and penalty: each inner fold smooths among its own training
     spots and is scored on the raw targets of its held-out spots. Without ``expression`` the targets are
     used as they are.
+
+    ``part_weights``: for an embedding of several parts, the weightings of the parts (one weight per part)
+    that the cross-validation chooses from, with the width and penalty; default
+    :func:`default_part_weights`: all parts alike, or without one of the added parts. One weighting fixes it.
 
     ``relevance_power``: each dimension of the standardised embedding weighs ``relevance ** power`` in the
     kernel's distances (:func:`feature_relevance` against ``expression``, :func:`relevance_weights`);
@@ -244,6 +293,13 @@ def fit_kernel(
         raise ValueError(f"`alpha_scoring` must be 'mse' or 'pearson', got {alpha_scoring!r}.")
     _column_weights(X.shape[1], blocks)  # checks them
     blocks = [int(b) for b in blocks] if blocks and len(blocks) > 1 else None
+    if part_weights is not None and blocks is None:
+        raise ValueError("`part_weights` weigh the parts of an embedding made of several; this one has one part.")
+    candidates: list[np.ndarray | None] = [None]
+    if blocks is not None:
+        candidates = [_part_shares(len(blocks), w) for w in (part_weights or default_part_weights(len(blocks)))]
+        if not candidates:
+            raise ValueError("`part_weights` must hold at least one weighting of the parts.")
 
     def grid_of(values: Any, default: Any, name: str, positive: bool) -> np.ndarray:
         g = np.unique(np.asarray(default if values is None else values, dtype=float).ravel())
@@ -278,9 +334,13 @@ def fit_kernel(
 
     mean, scale = _standardise(X)
     Z = (X - mean) / scale
-    column_weights = None
-    if expression is not None and power > 0:
-        column_weights = relevance_weights(feature_relevance(Z, expression), power, blocks)
+    relevance = feature_relevance(Z, expression) if expression is not None and power > 0 else None
+
+    def weights_for(shares: np.ndarray | None) -> np.ndarray | None:
+        if relevance is not None:
+            return relevance_weights(relevance, power, blocks, shares)
+        return None if shares is None else _column_weights(Z.shape[1], blocks, shares)
+
     m = min(n, int(max_landmarks))
     if m < n:
         rng = np.random.default_rng(random_state)
@@ -290,48 +350,51 @@ def fit_kernel(
         landmark_rows = np.arange(n)
     L = Z[landmark_rows]
 
-    def features(g: float) -> tuple[np.ndarray, np.ndarray]:
+    def features(g: float, weights: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
         # the landmarks' own block is rows of it
-        K = kernel_matrix(Z, L, kernel=kernel, gamma=g, blocks=blocks, weights=column_weights)
+        K = kernel_matrix(Z, L, kernel=kernel, gamma=g, blocks=blocks, weights=weights)
         T = _nystrom_map(K[landmark_rows])
         return K @ T, T
 
-    info: dict[str, Any] = {"n_landmarks": m, "relevance_power": power if column_weights is not None else 0.0}
+    info: dict[str, Any] = {"n_landmarks": m, "relevance_power": power if relevance is not None else 0.0}
     config: dict[str, Any] = {"kernel": kernel, "max_landmarks": int(max_landmarks)}
     if blocks:
         config["blocks"] = blocks
     gene_k = np.full(Y.shape[1], k_grid[0])
-    if gamma_grid.size == 1 and alpha_grid.size == 1 and len(k_grid) == 1:
+    best_c = 0
+    if gamma_grid.size == 1 and alpha_grid.size == 1 and len(k_grid) == 1 and len(candidates) == 1:
         best_gamma, best_alpha = float(gamma_grid[0]), float(alpha_grid[0])
         info.update(gamma=best_gamma, alpha=best_alpha, alpha_rule="given")
     else:
         folds, scheme = _folds(labels, regions, coords, n, n_splits=n_splits, random_state=random_state)
         # the targets each inner fold trains on, smoothed among that fold's training spots only
         fold_targets = {k: [smooth_targets(Y[tr], expression[tr], k) for tr, _ in folds] for k in k_grid if k > 1}
-        # held-out error and correlation per (neighbours, width, penalty, gene)
-        mse = np.full((len(k_grid), len(gamma_grid), len(alpha_grid), Y.shape[1]), np.nan)
+        # held-out error and correlation per (neighbours, part weighting, width, penalty, gene)
+        mse = np.full((len(k_grid), len(candidates), len(gamma_grid), len(alpha_grid), Y.shape[1]), np.nan)
         corr = np.full_like(mse, np.nan)
-        for i, g in enumerate(gamma_grid):
-            Phi, _ = features(g)
-            for h, k in enumerate(k_grid):
-                mse[h, i], corr[h, i] = _ridge_cv(
-                    Phi, Y, folds, alpha_grid, fold_targets=fold_targets.get(k), per_gene=True
-                )
+        for c, shares in enumerate(candidates):
+            weights = weights_for(shares)
+            for i, g in enumerate(gamma_grid):
+                Phi, _ = features(g, weights)
+                for h, k in enumerate(k_grid):
+                    mse[h, c, i], corr[h, c, i] = _ridge_cv(
+                        Phi, Y, folds, alpha_grid, fold_targets=fold_targets.get(k), per_gene=True
+                    )
         raw = mse if alpha_scoring == "mse" else -corr
         per_gene = np.where(np.isfinite(raw), raw, np.inf)
-        # each gene takes the neighbour count that suits it best; the width and penalty are shared
-        gene_best = per_gene.min(axis=0)  # (widths, penalties, genes)
+        # each gene takes the neighbour count that suits it best; the weighting, width and penalty are shared
+        gene_best = per_gene.min(axis=0)  # (weightings, widths, penalties, genes)
         finite = np.isfinite(gene_best)
         if not finite.any():
             raise ValueError("Cross-validation found no usable penalty.")
         with np.errstate(invalid="ignore"):
             score = np.where(finite.any(axis=-1), np.where(finite, gene_best, 0).sum(-1) / finite.sum(-1), np.inf)
-        i, j = np.unravel_index(int(np.argmin(score)), score.shape)
+        best_c, i, j = np.unravel_index(int(np.argmin(score)), score.shape)
         best_gamma, best_alpha = float(gamma_grid[i]), float(alpha_grid[j])
-        gene_k = np.asarray(k_grid)[np.argmin(per_gene[:, i, j], axis=0)]
+        gene_k = np.asarray(k_grid)[np.argmin(per_gene[:, best_c, i, j], axis=0)]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # genes that are constant in a fold: NaN
-            raw_mse, raw_corr = np.nanmean(mse[0], axis=-1), np.nanmean(corr[0], axis=-1)
+            raw_mse, raw_corr = np.nanmean(mse[0, best_c], axis=-1), np.nanmean(corr[0, best_c], axis=-1)
         if len(alpha_grid) > 1 and best_alpha in (alpha_grid[0], alpha_grid[-1]):
             logger.warning(
                 "The penalty chosen by cross-validation (alpha=%g) lies at the edge of the grid [%g, %g]; pass a "
@@ -363,7 +426,7 @@ def fit_kernel(
                 "n_folds": len(folds),
                 "target_neighbors": k_grid,
                 # the score of the chosen width and penalty, each gene with its best neighbour count
-                "score": float(score[i, j]),
+                "score": float(score[best_c, i, j]),
             },
         )
         config.update(gammas=gamma_grid.tolist(), alphas=alpha_grid.tolist(), alpha_scoring=alpha_scoring)
@@ -380,7 +443,13 @@ def fit_kernel(
             len(gene_k),
         )
     info["target_neighbors"] = [int(k) for k in gene_k]
-    Phi, T = features(best_gamma)
+    column_weights = weights_for(candidates[best_c])
+    if candidates[best_c] is not None:
+        config["part_weights"] = candidates[best_c].tolist()
+        if len(candidates) > 1:
+            info["cv"]["part_weights"] = [w.tolist() for w in candidates]
+            info["cv"]["part_weight_scores"] = _jsonable(score.reshape(len(candidates), -1).min(axis=1))
+    Phi, T = features(best_gamma, column_weights)
     coef, intercept = _ridge_solve(Phi, Y, best_alpha)
     config["gamma"] = best_gamma
     arrays = {
