@@ -105,3 +105,24 @@ def test_the_embedding_follows_the_tissue_not_the_spot_layout():
     np.testing.assert_allclose(
         a.tables["table"].obsm["X_tissue_position"], b.tables["table"].obsm["X_tissue_position"], atol=1.5
     )
+
+
+def test_olfactory_bulb_layers_follow_the_distance_to_the_centre(mob_dir):
+    # the bulb is built in concentric layers: the main axis of expression of every section follows the distance
+    # of its spots to the tissue's centroid, which the image alone gives
+    import scanpy as sc
+    from scipy.stats import spearmanr
+
+    sdata = hs.datasets.mouse_olfactory_bulb(mob_dir, progress=False)
+    hs.tl.embed(sdata, encoder="tissue_position", progress=False)
+    table = sdata.tables["table"]
+    info = table.uns["tissue_position"]["images"]
+    assert len(info) == 4 and all(i["n_pieces"] >= 1 and i["contrast"] > 10 for i in info.values())
+    for section in table.obs["sample_id"].unique():
+        a = table[table.obs["sample_id"] == section].copy()
+        sc.pp.normalize_total(a)
+        sc.pp.log1p(a)
+        sc.pp.highly_variable_genes(a, n_top_genes=500)
+        sc.pp.pca(a, n_comps=2, mask_var="highly_variable")
+        rho = spearmanr(a.obsm["X_tissue_position"][:, 0], a.obsm["X_pca"][:, 0])[0]
+        assert abs(rho) > 0.3, section
