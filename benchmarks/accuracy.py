@@ -20,7 +20,9 @@ library's defaults (``encoder_a+encoder_b``: both embeddings as one, ``hs.tl.fit
 including the per-section rank normalisation of the embedding. Suffixes change one default (ablations):
 ``:no-section-norm`` (``section_norm=False``), ``:standardise`` (``section_norm="standardise"``) and
 ``:raw-targets`` (``target_neighbors=1``: the kernel trains on the raw targets, never on targets
-averaged over expression neighbours). The HEST rows never normalise by section.
+averaged over expression neighbours), ``:equal-weights`` (``relevance_power=0``: every dimension weighs
+the same within its part), ``:equal-parts`` (``part_weights=[[1, 1]]``: the default's two parts weigh
+the same, with no CV over them) and ``:rbf`` (``kernel="rbf"``). The HEST rows never normalise by section.
 
 Each row prints, averaged over folds, for both gene sets: the mean Pearson over genes of the held-out
 section, the depth-partial Pearson (log total counts regressed out of prediction and truth) and the
@@ -61,6 +63,7 @@ ROW_OPTIONS = {
     "standardise": {"section_norm": "standardise"},
     "raw-targets": {"target_neighbors": 1},
     "equal-weights": {"relevance_power": 0},
+    "equal-parts": {"part_weights": [[1.0, 1.0]]},  # the default's two parts fixed alike, no CV over them
     "rbf": {"kernel": "rbf"},
 }
 #: rows run by default (``method:encoder``, optionally ``:suffix``), in the order of the table
@@ -69,6 +72,7 @@ DEFAULT_ROWS = (
     f"{DEFAULT_ROW}:standardise",
     f"{DEFAULT_ROW}:raw-targets",
     f"{DEFAULT_ROW}:equal-weights",
+    f"{DEFAULT_ROW}:equal-parts",
     f"{DEFAULT_ROW}:rbf",
     f"{DEFAULT_ROW}:{NO_NORM}",
     "kernel:morphology_context",

@@ -30,7 +30,7 @@ def test_mob_one_fold_every_kind_of_row(bench, mob_dir, tmp_path, monkeypatch):
     rows = [bench.DEFAULT_ROW, f"ridge:morphology:{bench.NO_NORM}", "ridge_hest:morphology", "contrastive:morphology"]
     rows += ["ridge:autoencoder", "kernel:autoencoder", "cnn:small_cnn", "control:shuffled", "control:depth"]
     rows += ["kernel:morphology+morphology_context", "reference:ceiling"]
-    rows += [f"{bench.DEFAULT_ROW}:{o}" for o in ("standardise", "raw-targets", "equal-weights", "rbf")]
+    rows += [f"{bench.DEFAULT_ROW}:{o}" for o in ("standardise", "raw-targets", "equal-weights", "equal-parts", "rbf")]
     csv = tmp_path / "results.csv"
     df = bench.run(["mob"], rows, mob_dir.parent, settings, log=lambda m: None, csv=csv)
     assert list(df["row"]) == rows
