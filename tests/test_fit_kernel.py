@@ -450,3 +450,8 @@ def test_cross_validation_drops_an_added_part_that_says_nothing(synthetic, tmp_p
         hs.tl.fit(sdata, embedding=["X_e", "X_noise"], part_weights=[[1, 1, 1]], **kw)
     with pytest.raises(ValueError, match="one part"):
         hs.tl.fit(sdata, embedding="X_e", part_weights=[[1]], **kw)
+    with pytest.raises(ValueError, match="at least one weighting"):
+        hs.tl.fit(sdata, embedding=["X_e", "X_noise"], part_weights=[], **kw)
+    # one weighting may be given flat: it fixes the parts' shares, as [[3, 1]] does
+    flat = hs.tl.fit(sdata, embedding=["X_e", "X_noise"], part_weights=[3, 1], **kw)
+    assert flat.config["part_weights"] == [0.75, 0.25] and "part_weights" not in flat.provenance["cv"]

@@ -269,7 +269,8 @@ def fit_kernel(
 
     ``part_weights``: for an embedding of several parts, the weightings of the parts (one weight per part)
     that the cross-validation chooses from, with the width and penalty; default
-    :func:`default_part_weights`: all parts alike, or without one of the added parts. One weighting fixes it.
+    :func:`default_part_weights`: all parts alike, or without one of the added parts. One weighting (a flat
+    list such as ``[2, 1]``, or ``[[2, 1]]``) fixes it.
 
     ``relevance_power``: each dimension of the standardised embedding weighs ``relevance ** power`` in the
     kernel's distances (:func:`feature_relevance` against ``expression``, :func:`relevance_weights`);
@@ -297,7 +298,10 @@ def fit_kernel(
         raise ValueError("`part_weights` weigh the parts of an embedding made of several; this one has one part.")
     candidates: list[np.ndarray | None] = [None]
     if blocks is not None:
-        candidates = [_part_shares(len(blocks), w) for w in (part_weights or default_part_weights(len(blocks)))]
+        weightings = default_part_weights(len(blocks)) if part_weights is None else list(part_weights)
+        if weightings and all(isinstance(w, int | float | np.number) for w in weightings):
+            weightings = [weightings]  # one weighting given as a flat list fixes it
+        candidates = [_part_shares(len(blocks), w) for w in weightings]
         if not candidates:
             raise ValueError("`part_weights` must hold at least one weighting of the parts.")
 

@@ -70,7 +70,7 @@ def tissue_geometry(sdata: SpatialData, image_key: str, method: str = "otsu") ->
     contrast = abs(float(gray[~mask].mean() - gray[mask].mean())) if 0 < mask.sum() < mask.size else 0.0
     if sizes.sum() == 0 or contrast < MIN_CONTRAST:
         raise ValueError(
-            f"The tissue_position encoder found no tissue in image {image_key!r}: what the detection split off is "
+            f"The tissue_position encoder found no tissue in image {image_key!r}: what the detection split off "
             f"hardly differs from the rest ({contrast:.1f} grey levels apart). It measures where each spot lies in the "
             "tissue, so it needs the H&E (or stained) image with tissue on glass."
         )
