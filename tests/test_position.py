@@ -20,14 +20,19 @@ PX_UM = 2.0
 
 
 def tissue_slide(
-    centre=(620.0, 480.0), radius=300.0, shape=(1000, 1200), spots=None, blank=False, seed=0
+    centre=(620.0, 480.0), radius=300.0, shape=(1000, 1200), spots=None, blank=False, seed=0, more=()
 ) -> sd.SpatialData:
-    """Glass with one disk of pink tissue (``centre`` as ``(x, y)`` px), spots at ``spots`` (px)."""
+    """Glass with one disk of pink tissue (``centre`` as ``(x, y)`` px), spots at ``spots`` (px).
+
+    ``more``: further disks of tissue as ``(x, y, radius)``.
+    """
     rng = np.random.default_rng(seed)
     h, w = shape
     yy, xx = np.mgrid[0:h, 0:w] + 0.5
     img = np.clip(rng.normal(240, 4, (h, w, 3)), 0, 255)
-    disk = (xx - centre[0]) ** 2 + (yy - centre[1]) ** 2 <= radius**2
+    disk = np.zeros((h, w), bool)
+    for x, y, r in [(*centre, radius), *more]:
+        disk |= (xx - x) ** 2 + (yy - y) ** 2 <= r**2
     if not blank:
         img[disk] = np.clip(rng.normal((190, 110, 170), 12, (int(disk.sum()), 3)), 0, 255)
     t = {"s": Identity(), "s_um": Scale([PX_UM, PX_UM], axes=("y", "x"))}
@@ -75,6 +80,23 @@ def test_a_cut_off_or_scattered_tissue_is_flagged(caplog):
         hs.tl.embed(cut, encoder="tissue_position", progress=False)
     assert "image border" in caplog.text
     assert cut.tables["table"].uns["tissue_position"]["images"]["img"]["border_fraction"] > 0.1
+    # three equal pieces: the centroid is theirs together, and the user is told
+    caplog.clear()
+    scattered = tissue_slide(centre=(250.0, 250.0), radius=150.0, more=[(850.0, 250.0, 150.0), (550.0, 750.0, 150.0)])
+    with caplog.at_level(logging.WARNING, logger="histoseq.tl._position"):
+        hs.tl.embed(scattered, encoder="tissue_position", progress=False)
+    assert "in 3 pieces" in caplog.text
+    info = scattered.tables["table"].uns["tissue_position"]["images"]["img"]
+    assert info["n_pieces"] == 3 and info["largest_piece_fraction"] < 0.5
+    np.testing.assert_allclose(info["centroid_px"], [550, 416.7], atol=1.5)
+    # a crumb of debris (under 1% of the tissue) moves nothing and is no piece
+    caplog.clear()
+    crumb = tissue_slide(more=[(1100.0, 900.0, 15.0)])
+    with caplog.at_level(logging.WARNING, logger="histoseq.tl._position"):
+        hs.tl.embed(crumb, encoder="tissue_position", progress=False)
+    info = crumb.tables["table"].uns["tissue_position"]["images"]["img"]
+    assert info["n_pieces"] == 1 and caplog.text == ""
+    np.testing.assert_allclose(info["centroid_px"], [620, 480], atol=0.75)
 
 
 def test_blank_image_fails_clearly_and_changes_nothing():
@@ -126,3 +148,12 @@ def test_olfactory_bulb_layers_follow_the_distance_to_the_centre(mob_dir):
         sc.pp.pca(a, n_comps=2, mask_var="highly_variable")
         rho = spearmanr(a.obsm["X_tissue_position"][:, 0], a.obsm["X_pca"][:, 0])[0]
         assert abs(rho) > 0.3, section
+
+
+def test_detect_tissue_keeps_pieces_of_one_size():
+    # squidpy's size threshold between specimens and artefacts keeps none of two equal sections; both are tissue
+    sdata = tissue_slide(centre=(350.0, 500.0), radius=150.0, more=[(850.0, 500.0, 150.0)])
+    hs.pp.detect_tissue(sdata, image_key="img")
+    mask = np.asarray(sdata.labels["img_tissue"]) > 0
+    assert mask[500, 350] and mask[500, 850] and not mask[500, 600]
+    np.testing.assert_allclose(mask.mean(), 2 * np.pi * 150**2 / mask.size, rtol=0.05)

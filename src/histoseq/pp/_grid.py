@@ -18,6 +18,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 _MAX_DETECTION_PX = 4_000_000
+#: Most pieces of tissue kept when squidpy's size threshold keeps none (pieces of one size)
+_MAX_PIECES = 64
 
 
 def _detection_level(levels: list[Any], max_pixels: int) -> int:
@@ -66,6 +68,11 @@ def _tissue_mask(sdata: SpatialData, image_key: str, max_pixels: int, method: st
     tmp = SD(images={"coarse": Image2DModel.parse(arr, dims=("c", "y", "x"))})
     with _quiet_detection():
         labels = sq_detect(tmp, "coarse", method=method, inplace=False)
+        if not np.any(labels):
+            # squidpy tells specimens from artefacts by an Otsu threshold on the pieces' log areas; pieces of
+            # one size (two sections, cores of a biopsy) all fall below it and none is kept. Keep every piece
+            # above squidpy's minimum area then.
+            labels = sq_detect(tmp, "coarse", method=method, inplace=False, n_samples=_MAX_PIECES)
     mask = np.asarray(labels) > 0
     if not mask.any() or (mask.all() and arr.std() < 1):
         raise ValueError(
