@@ -503,7 +503,7 @@ def test_default_embedding_is_the_context_morphology_and_the_tissue_position():
     assert table.uns["tissue_position"]["params"]["encoder"] == "tissue_position"
     single = len(hs.tl._morphology.feature_names())
     assert table.obsm["X_morphology_context"].shape == (table.n_obs, 3 * single)
-    assert model.config["blocks"] == [3 * single, 1]  # the kernel weighs the position as much as the morphology
+    assert model.config["blocks"] == [3 * single, 2]  # the kernel weighs the position as much as the morphology
     # a new slide gets the same parts when predict computes its embedding
     other = hs.datasets.synthetic(n_sections=1, section_size_um=900, random_state=4, progress=False)
     hs.tl.predict(other, model)

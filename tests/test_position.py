@@ -1,4 +1,5 @@
-"""The ``"tissue_position"`` encoder: each spot's distance to the centroid of its tissue, from the image alone."""
+"""The ``"tissue_position"`` encoder: each spot's offsets from its tissue's centroid along the tissue's axes, from
+the image alone."""
 
 from __future__ import annotations
 
@@ -20,11 +21,19 @@ PX_UM = 2.0
 
 
 def tissue_slide(
-    centre=(620.0, 480.0), radius=300.0, shape=(1000, 1200), spots=None, blank=False, seed=0, more=()
+    centre=(620.0, 480.0),
+    radius=300.0,
+    shape=(1000, 1200),
+    spots=None,
+    blank=False,
+    seed=0,
+    more=(),
+    ellipse=None,
 ) -> sd.SpatialData:
     """Glass with one disk of pink tissue (``centre`` as ``(x, y)`` px), spots at ``spots`` (px).
 
-    ``more``: further disks of tissue as ``(x, y, radius)``.
+    ``more``: further disks of tissue as ``(x, y, radius)``. ``ellipse=(a, b, degrees)`` makes the first
+    piece an ellipse with semi-axes ``a`` and ``b`` px, its major axis turned by ``degrees`` from x to y.
     """
     rng = np.random.default_rng(seed)
     h, w = shape
@@ -33,6 +42,12 @@ def tissue_slide(
     disk = np.zeros((h, w), bool)
     for x, y, r in [(*centre, radius), *more]:
         disk |= (xx - x) ** 2 + (yy - y) ** 2 <= r**2
+    if ellipse is not None:
+        a, b, degrees = ellipse
+        major, minor = frame(degrees)
+        u = (xx - centre[0]) * major[0] + (yy - centre[1]) * major[1]
+        v = (xx - centre[0]) * minor[0] + (yy - centre[1]) * minor[1]
+        disk = (u / a) ** 2 + (v / b) ** 2 <= 1
     if not blank:
         img[disk] = np.clip(rng.normal((190, 110, 170), 12, (int(disk.sum()), 3)), 0, 255)
     t = {"s": Identity(), "s_um": Scale([PX_UM, PX_UM], axes=("y", "x"))}
@@ -51,20 +66,41 @@ def tissue_slide(
     return sd.SpatialData(images={"img": image}, shapes={"spots": shapes}, tables={"table": table})
 
 
-def test_distance_to_the_tissue_centroid_in_um():
-    sdata = tissue_slide()
+def frame(degrees):
+    """Unit vectors (x, y) of an axis turned by ``degrees`` from x towards y, and of the axis across it."""
+    t = np.deg2rad(degrees)
+    return np.array([np.cos(t), np.sin(t)]), np.array([-np.sin(t), np.cos(t)])
+
+
+def spots_in_frame(centre, degrees, uv):
+    """Pixel positions of points given as offsets ``(u, v)`` px along the axes of :func:`frame`."""
+    major, minor = frame(degrees)
+    return [list(np.asarray(centre) + u * major + v * minor) for u, v in uv]
+
+
+#: offsets (px) along the tissue's major and minor axes of the spots of the tests
+UV = [(0.0, 0.0), (200.0, 0.0), (0.0, 100.0), (150.0, -80.0), (-250.0, 60.0)]
+
+
+def test_offsets_along_the_tissue_axes_in_um():
+    centre = (620.0, 480.0)
+    sdata = tissue_slide(centre=centre, ellipse=(350.0, 180.0, 30.0), spots=spots_in_frame(centre, 30.0, UV))
     hs.tl.embed(sdata, encoder="tissue_position", progress=False)
     table = sdata.tables["table"]
-    expected = np.array([0.0, 100.0, 220.0, np.hypot(220, 180)]) * PX_UM
-    np.testing.assert_allclose(table.obsm["X_tissue_position"][:, 0], expected, atol=1.5)
+    np.testing.assert_allclose(table.obsm["X_tissue_position"], np.abs(UV) * PX_UM, atol=2.0)
     entry = table.uns["tissue_position"]
     assert entry["params"]["encoder"] == "tissue_position" and entry["params"]["feature_names"] == [
-        "centroid_distance_um"
+        "major_axis_offset_um",
+        "minor_axis_offset_um",
     ]
     info = entry["images"]["img"]
-    np.testing.assert_allclose(info["centroid_px"], [620, 480], atol=0.75)
+    np.testing.assert_allclose(info["centroid_px"], centre, atol=0.75)
+    np.testing.assert_allclose(np.abs(info["axes"]), np.abs(frame(30.0)), atol=0.01)
+    # a uniform ellipse spreads a/2 and b/2 along its axes
+    np.testing.assert_allclose(info["axis_sd_um"], [175 * PX_UM, 90 * PX_UM], rtol=0.02)
+    np.testing.assert_allclose(info["elongation"], 350 / 180, rtol=0.03)
     assert info["n_pieces"] == 1 and info["border_fraction"] == 0.0
-    np.testing.assert_allclose(info["tissue_area_mm2"], np.pi * (300 * PX_UM) ** 2 / 1e6, rtol=0.02)
+    np.testing.assert_allclose(info["tissue_area_mm2"], np.pi * 350 * 180 * PX_UM**2 / 1e6, rtol=0.02)
 
 
 def test_subset_of_spots_and_inplace_false():
@@ -118,20 +154,22 @@ def test_works_on_a_dense_grid_without_a_table():
     np.testing.assert_allclose(centres.mean(axis=0), images["section0_image"]["centroid_px"], atol=100 / 0.5)
 
 
-def test_the_embedding_follows_the_tissue_not_the_spot_layout():
-    # the same tissue, shifted on the glass: the distances stay; the spots' own layout does not enter
-    a = tissue_slide(centre=(620.0, 480.0), spots=[[620, 480], [720, 480]])
-    b = tissue_slide(centre=(560.0, 520.0), spots=[[560, 520], [660, 520]], seed=1)
+def test_the_embedding_follows_the_tissue_not_how_it_lies_on_the_glass():
+    # the same tissue and spots, shifted and turned on the glass (by more than 90°, so that an axis flips):
+    # the offsets stay; the spots' own layout does not enter
+    a_centre, b_centre = (620.0, 480.0), (560.0, 520.0)
+    a = tissue_slide(centre=a_centre, ellipse=(350.0, 180.0, 10.0), spots=spots_in_frame(a_centre, 10.0, UV))
+    b = tissue_slide(centre=b_centre, ellipse=(350.0, 180.0, 125.0), spots=spots_in_frame(b_centre, 125.0, UV), seed=1)
     for s in (a, b):
         hs.tl.embed(s, encoder="tissue_position", progress=False)
     np.testing.assert_allclose(
-        a.tables["table"].obsm["X_tissue_position"], b.tables["table"].obsm["X_tissue_position"], atol=1.5
+        a.tables["table"].obsm["X_tissue_position"], b.tables["table"].obsm["X_tissue_position"], atol=2.5
     )
 
 
 def test_olfactory_bulb_layers_follow_the_distance_to_the_centre(mob_dir):
     # the bulb is built in concentric layers: the main axis of expression of every section follows the distance
-    # of its spots to the tissue's centroid, which the image alone gives
+    # of its spots to the tissue's centroid (which the two offsets make), which the image alone gives
     import scanpy as sc
     from scipy.stats import spearmanr
 
@@ -146,7 +184,8 @@ def test_olfactory_bulb_layers_follow_the_distance_to_the_centre(mob_dir):
         sc.pp.log1p(a)
         sc.pp.highly_variable_genes(a, n_top_genes=500)
         sc.pp.pca(a, n_comps=2, mask_var="highly_variable")
-        rho = spearmanr(a.obsm["X_tissue_position"][:, 0], a.obsm["X_pca"][:, 0])[0]
+        distance = np.hypot(*a.obsm["X_tissue_position"].T)  # to the centroid
+        rho = spearmanr(distance, a.obsm["X_pca"][:, 0])[0]
         assert abs(rho) > 0.3, section
 
 

@@ -145,10 +145,10 @@ def demo(args: argparse.Namespace) -> int:
 
     say(f"Fitting the default model (hs.tl.fit) on {', '.join(train)}; holding out {test}...")
     say(
-        "  kernel ridge on morphology at 224, 448 and 800 µm around each spot and on the spot's distance to the "
-        "tissue's centroid (both computed by fit, rank-normalised within each section, each dimension weighted by "
-        "how well it follows the training spots' expression); kernel width, penalty and target smoothing by "
-        "leave-one-section-out CV"
+        "  kernel ridge on morphology at 224, 448 and 800 µm around each spot and on the spot's offsets from the "
+        "tissue's centroid along the tissue's axes (both computed by fit, rank-normalised within each section, "
+        "each dimension weighted by how well it follows the training spots' expression); kernel width, penalty, "
+        "target smoothing and the parts' weights by leave-one-section-out CV"
     )
     model = hs.tl.fit(sdata, genes=list(table.var_names), train=train, progress=progress)
     say(

@@ -41,7 +41,8 @@ ENCODERS = {
     "efficientnet_lite0": "EfficientNet-Lite0, ImageNet weights, 1280-d (extra: histoseq[imagenet])",
     "efficientnet_lite2": "EfficientNet-Lite2, ImageNet weights, 1280-d (extra: histoseq[imagenet])",
     "imagenet": "alias of efficientnet_lite0",
-    "tissue_position": "each spot's distance (µm) to the centroid of the tissue, from the image's tissue mask; 1-d",
+    "tissue_position": "each spot's offsets (µm) from the tissue's centroid along its major and minor axes, from the "
+    "image's tissue mask; 2-d",
 }
 _ALIASES = {"imagenet": "efficientnet_lite0"}
 _TIMM_PREFIX = "timm:"
@@ -593,9 +594,10 @@ def embed(
       (``pip install "histoseq[imagenet]"``); trained at 224 and 260 px;
     - ``"timm:<name>"``: a :mod:`timm` model (``pretrained=False``; weights from a local file);
     - a :class:`torch.nn.Module` or a callable mapping ``(B, 3, H, W)`` floats in [0, 1] to ``(B, D)``;
-    - ``"tissue_position"``: no patches; each spot's distance (µm) to the centroid of the tissue of its
-      image, from the image's tissue mask (:mod:`histoseq.tl._position`): where the spot lies in the
-      tissue's organisation (layers around the middle, a rim). Part of :func:`histoseq.tl.fit`'s default
+    - ``"tissue_position"``: no patches; each spot's offsets (µm, absolute) from the centroid of the tissue
+      of its image along the tissue's major and minor axes, from the image's tissue mask
+      (:mod:`histoseq.tl._position`): where the spot lies in the tissue's organisation (layers around the
+      middle, a rim, one end or the other). Part of :func:`histoseq.tl.fit`'s default
       embedding. ``patch_size_um``, ``patch_px``, ``weights`` and ``device`` do not apply.
 
     Stain differences between slides change every encoder's features; normalise the stains first where they

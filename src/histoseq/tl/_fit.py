@@ -66,9 +66,9 @@ MAX_COMPONENTS = 256
 #: Embeddings that :func:`fit` computes by name when a table lacks them: ``obsm`` key -> :func:`embed` options.
 #: ``"X_morphology_context"`` is the hand-crafted morphology of the spot's patch at three scales (224, 448
 #: and 800 µm: the spot, its neighbours and its tissue context); ``"X_tissue_position"`` the spot's
-#: distance to the centroid of the tissue (:mod:`histoseq.tl._position`). Read together, as two parts,
-#: they are the default embedding: the best on the real-data folds of ``benchmarks/accuracy.py`` among
-#: those that need no optional extra (see the benchmark page of the docs).
+#: offsets from the centroid of the tissue along its major and minor axes (:mod:`histoseq.tl._position`).
+#: Read together, as two parts, they are the default embedding: the best on the real-data folds of
+#: ``benchmarks/accuracy.py`` among those that need no optional extra (see the benchmark page of the docs).
 EMBEDDING_PRESETS: dict[str, dict[str, Any]] = {
     "X_morphology_context": {"encoder": "morphology", "patch_size_um": [224.0, 448.0, 800.0], "patch_px": 224},
     "X_tissue_position": {"encoder": "tissue_position"},
@@ -1677,8 +1677,8 @@ def fit(
     ``"X_resnet18"`` → ``"resnet18"``) and the options ``embed_kwargs`` (e.g. ``{"patch_px": 128}``, or
     ``{"encoder": "resnet18", "weights": "ssl.pt"}`` for another key). The default,
     ``"X_morphology_context+X_tissue_position"``, reads two parts: the morphology encoder at 224, 448 and
-    800 µm around each spot, and the spot's distance to the centroid of its tissue, which says where it
-    lies in the tissue's organisation (``encoder="tissue_position"``; both in
+    800 µm around each spot, and the spot's offsets from the centroid of its tissue along the tissue's
+    major and minor axes, which say where it lies in the tissue's organisation (``encoder="tissue_position"``; both in
     :data:`~histoseq.tl._fit.EMBEDDING_PRESETS`). Both come from the image alone. With
     ``method="kernel"`` and ``section_norm="rank"`` it was the most accurate combination on the real-data
     folds of ``benchmarks/accuracy.py``. So ``hs.tl.fit(sdata)`` then ``hs.tl.predict(other, model)`` is a

@@ -1,13 +1,18 @@
 """Where each spot lies in its piece of tissue, read from the image alone: the ``"tissue_position"`` encoder.
 
-Many tissues are organised around their middle: the olfactory bulb in concentric layers, a lymph node
-in cortex and medulla, a tumour with an invasive rim. A spot's distance to the centroid of the tissue
-says where it sits in that organisation, which a patch, however large, cannot see. The distance is
-measured on the tissue mask of the image (:func:`histoseq.pp.detect_tissue`'s detection), so it needs
-no expression and works on dense grids and on image-only slides like any other encoder.
+Many tissues are organised around their middle and along their length: the olfactory bulb in concentric
+layers, a lymph node in cortex and medulla, a tumour with an invasive rim. Where a spot sits in that
+organisation is something a patch, however large, cannot see. The encoder places each spot in the frame
+of its tissue: its offsets from the tissue's centroid along the tissue's major and minor axes (the
+principal axes of the tissue mask), as absolute values in µm, so that the frame does not depend on how
+the section lies on the glass, nor on which way an axis points. The mask is that of
+:func:`histoseq.pp.detect_tissue`, so the encoder needs no expression and works on dense grids and on
+image-only slides like any other encoder.
 
-The distance is in µm; :func:`histoseq.tl.fit`'s default per-section rank normalisation turns it into
-"how central is this spot within its section", comparable between sections of different sizes.
+:func:`histoseq.tl.fit`'s default per-section rank normalisation turns the offsets into "how far out along
+each axis of its section", comparable between sections of different sizes. On a round piece of tissue the
+axes are arbitrary (``elongation`` near 1 in the summary), but the distance to the centroid that the two
+offsets make together is not.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ logger = logging.getLogger(__name__)
 #: Name of the encoder in :func:`histoseq.tl.embed`.
 ENCODER = "tissue_position"
 #: Names of its features, in column order.
-FEATURE_NAMES = ("centroid_distance_um",)
+FEATURE_NAMES = ("major_axis_offset_um", "minor_axis_offset_um")
 #: Largest tissue mask (pixels) the detection runs on: a coarse pyramid level is plenty for a centroid.
 MAX_MASK_PIXELS = 4_000_000
 #: Pieces of tissue smaller than this share of the tissue area are debris and ignored.
@@ -43,9 +48,11 @@ def tissue_geometry(sdata: SpatialData, image_key: str, method: str = "otsu") ->
 
     Returns ``{"mask", "level", "downsample"}`` (the boolean mask, its pyramid level and its pixel size
     in level-0 pixels along ``(y, x)``) and the JSON-able summary ``"info"``: ``centroid_px`` (level-0
-    ``(x, y)``), ``tissue_area_mm2``, ``n_pieces`` (pieces holding at least 1% of the tissue), the share
-    of the tissue in the largest piece, and ``border_fraction`` (share of the image border covered by
-    tissue; a section cut off by the image edge has a centroid that is not its middle).
+    ``(x, y)``), ``axes`` (the unit vectors of the tissue's major and minor axes, as level-0 ``(x, y)``),
+    ``axis_sd_um`` (the tissue's spread along each, µm) and ``elongation`` (their ratio),
+    ``tissue_area_mm2``, ``n_pieces`` (pieces holding at least 1% of the tissue), the share of the tissue
+    in the largest piece, and ``border_fraction`` (share of the image border covered by tissue; a section
+    cut off by the image edge has a centroid that is not its middle).
     """
     from scipy import ndimage as ndi
 
@@ -77,12 +84,21 @@ def tissue_geometry(sdata: SpatialData, image_key: str, method: str = "otsu") ->
     keep = np.flatnonzero(sizes >= MIN_PIECE_FRACTION * sizes.sum()) + 1
     mask = np.isin(labels, keep)
     dy, dx = ref.level_downsample(level)
-    cy, cx = ndi.center_of_mass(mask)
+    # the mask's pixel (i, j) covers [i, i + 1) at its level: its centre is at i + 0.5
+    yy, xx = np.nonzero(mask)
+    points = np.column_stack([(xx + 0.5) * dx, (yy + 0.5) * dy])  # level-0 (x, y)
+    centroid = points.mean(axis=0)
+    variance, axes = np.linalg.eigh(np.cov((points - centroid).T))
+    variance, axes = variance[::-1].clip(0.0), axes[:, ::-1]  # major axis first
+    axes *= np.where(axes[np.abs(axes).argmax(axis=0), [0, 1]] < 0, -1.0, 1.0)  # a fixed sign (no meaning)
+    spread_um = np.sqrt(variance) * ref.pixel_size_um
     border = np.concatenate([mask[0], mask[-1], mask[1:-1, 0], mask[1:-1, -1]])
     px_area_mm2 = ref.pixel_size_um**2 * dy * dx / 1e6
     info = {
-        # the mask's pixel (i, j) covers [i, i + 1) at its level: its centre is at i + 0.5
-        "centroid_px": [float((cx + 0.5) * dx), float((cy + 0.5) * dy)],
+        "centroid_px": centroid.tolist(),
+        "axes": axes.T.tolist(),
+        "axis_sd_um": spread_um.tolist(),
+        "elongation": float(spread_um[0] / spread_um[1]) if spread_um[1] > 0 else float("inf"),
         "tissue_area_mm2": float(mask.sum() * px_area_mm2),
         "n_pieces": len(keep),
         "largest_piece_fraction": float(sizes[keep - 1].max() / sizes[keep - 1].sum()),
@@ -94,14 +110,14 @@ def tissue_geometry(sdata: SpatialData, image_key: str, method: str = "otsu") ->
     if info["border_fraction"] > MAX_BORDER_FRACTION:
         logger.warning(
             "The tissue of image %r runs along %.0f%% of the image border: if the section is cut off, its centroid "
-            "is not the middle of the tissue, and the tissue_position feature means less there.",
+            "is not the middle of the tissue, and the tissue_position features mean less there.",
             image_key,
             100 * info["border_fraction"],
         )
     if info["largest_piece_fraction"] < 0.5:
         logger.warning(
-            "The tissue of image %r is in %d pieces, none holding half of it: the tissue_position feature measures "
-            "the distance to the centroid of all pieces together.",
+            "The tissue of image %r is in %d pieces, none holding half of it: the tissue_position features are "
+            "measured in the frame (centroid and axes) of all pieces together.",
             image_key,
             info["n_pieces"],
         )
@@ -111,7 +127,9 @@ def tissue_geometry(sdata: SpatialData, image_key: str, method: str = "otsu") ->
 def tissue_position(
     sdata: SpatialData, regions: list[Region], n_obs: int, method: str = "otsu"
 ) -> tuple[np.ndarray, dict[str, Any]]:
-    """Each spot's distance (µm) to the centroid of its image's tissue, ``(n_obs, 1)`` float32.
+    """Each spot's offsets (µm, absolute) from its tissue's centroid along the major and minor axes.
+
+    ``(n_obs, 2)`` float32, in the order of :data:`FEATURE_NAMES`.
 
     Rows not in ``regions`` are NaN. Returns the features and, per image, the summary of
     :func:`tissue_geometry`.
@@ -122,7 +140,7 @@ def tissue_position(
         key = region.image.key
         if key not in images:
             images[key] = tissue_geometry(sdata, key, method)["info"]
-        centroid = np.asarray(images[key]["centroid_px"])
-        distance_px = np.hypot(*(region.centers_px[:, :2] - centroid).T)
-        out[region.rows, 0] = distance_px * region.image.pixel_size_um
+        centroid, axes = np.asarray(images[key]["centroid_px"]), np.asarray(images[key]["axes"])
+        offsets_px = (region.centers_px[:, :2] - centroid) @ axes.T
+        out[region.rows] = np.abs(offsets_px) * region.image.pixel_size_um
     return out, images
