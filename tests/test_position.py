@@ -39,15 +39,13 @@ def tissue_slide(
     h, w = shape
     yy, xx = np.mgrid[0:h, 0:w] + 0.5
     img = np.clip(rng.normal(240, 4, (h, w, 3)), 0, 255)
-    disk = np.zeros((h, w), bool)
-    for x, y, r in [(*centre, radius), *more]:
+    a, b, degrees = ellipse if ellipse is not None else (radius, radius, 0.0)
+    major, minor = frame(degrees)
+    u = (xx - centre[0]) * major[0] + (yy - centre[1]) * major[1]
+    v = (xx - centre[0]) * minor[0] + (yy - centre[1]) * minor[1]
+    disk = (u / a) ** 2 + (v / b) ** 2 <= 1
+    for x, y, r in more:
         disk |= (xx - x) ** 2 + (yy - y) ** 2 <= r**2
-    if ellipse is not None:
-        a, b, degrees = ellipse
-        major, minor = frame(degrees)
-        u = (xx - centre[0]) * major[0] + (yy - centre[1]) * major[1]
-        v = (xx - centre[0]) * minor[0] + (yy - centre[1]) * minor[1]
-        disk = (u / a) ** 2 + (v / b) ** 2 <= 1
     if not blank:
         img[disk] = np.clip(rng.normal((190, 110, 170), 12, (int(disk.sum()), 3)), 0, 255)
     t = {"s": Identity(), "s_um": Scale([PX_UM, PX_UM], axes=("y", "x"))}

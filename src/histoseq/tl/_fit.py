@@ -1678,11 +1678,11 @@ def fit(
     ``{"encoder": "resnet18", "weights": "ssl.pt"}`` for another key). The default,
     ``"X_morphology_context+X_tissue_position"``, reads two parts: the morphology encoder at 224, 448 and
     800 µm around each spot, and the spot's offsets from the centroid of its tissue along the tissue's
-    major and minor axes, which say where it lies in the tissue's organisation (``encoder="tissue_position"``; both in
-    :data:`~histoseq.tl._fit.EMBEDDING_PRESETS`). Both come from the image alone. With
-    ``method="kernel"`` and ``section_norm="rank"`` it was the most accurate combination on the real-data
-    folds of ``benchmarks/accuracy.py``. So ``hs.tl.fit(sdata)`` then ``hs.tl.predict(other, model)`` is a
-    whole workflow.
+    major and minor axes, which say where it lies in the tissue's organisation
+    (``encoder="tissue_position"``; both in :data:`~histoseq.tl._fit.EMBEDDING_PRESETS`). Both come from
+    the image alone. With ``method="kernel"`` it was the most accurate embedding on the real-data folds of
+    ``benchmarks/accuracy.py`` among those that need no optional extra. So ``hs.tl.fit(sdata)`` then
+    ``hs.tl.predict(other, model)`` is a whole workflow.
 
     Staining, thickness and scanning shift and bend every image feature of a slide, so the embedding
     methods first normalise each dimension of the embedding within each section (the spots element of a
