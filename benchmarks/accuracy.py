@@ -131,7 +131,7 @@ PRETRAINED = {"autoencoder", "simclr"}
 
 def _frozen(key: str) -> dict:
     if FROZEN[key] is None:  # a preset of hs.tl.fit
-        from histoseq.tl._fit import EMBEDDING_PRESETS
+        from histoseq.tl._inputs import EMBEDDING_PRESETS
 
         return dict(EMBEDDING_PRESETS[f"X_{key}"])
     return FROZEN[key]
@@ -243,8 +243,8 @@ def _depth_key(sdata) -> str:
 
 def score(pred, sdata, test: np.ndarray, genes: list[str], target_transform) -> dict[str, float]:
     """Pearson, depth-partial Pearson and number of positive genes of predictions on the ``test`` spots."""
+    from histoseq.tl._data import transform_counts
     from histoseq.tl._evaluate import gene_scores
-    from histoseq.tl._fit import transform_counts
 
     table = sdata.tables["table"]
     cols = table.var_names.get_indexer(genes)

@@ -139,8 +139,8 @@ def _poisson_spots(depth_mean: float, seed: int = 0, n: int = 600, n_genes: int 
 
 @pytest.mark.parametrize(("depth_mean", "tolerance"), [(300, 0.06), (5000, 0.03)])  # a little optimistic when shallow
 def test_noise_ceiling_matches_the_correlation_with_the_noise_free_expression(depth_mean, tolerance):
+    from histoseq.tl._data import transform_counts
     from histoseq.tl._evaluate import noise_ceiling
-    from histoseq.tl._fit import transform_counts
 
     rng, rate, counts = _poisson_spots(depth_mean)
     cols = np.arange(40)

@@ -9,7 +9,9 @@ import spatialdata as sd
 import torch
 
 import histoseq as hs
-from histoseq.tl._fit import _column_pearson, rank_sections, transform_counts
+from histoseq.tl._data import transform_counts
+from histoseq.tl._metrics import column_pearson as _column_pearson
+from histoseq.tl._sections import rank_sections
 
 
 def _standin(func):
@@ -133,7 +135,7 @@ def test_fixed_alpha_grid_and_pca_options(base):
 
 
 def test_single_training_section_uses_spatial_blocks(base, caplog):
-    with caplog.at_level(logging.WARNING, logger="histoseq.tl._fit"):
+    with caplog.at_level(logging.WARNING, logger="histoseq.tl._splits"):
         model = fit_(base, genes=10, train=["section0"], progress=False)
     assert "spatial blocks" in model.provenance["alpha_rule"]
     assert "one group" in caplog.text
@@ -408,7 +410,7 @@ def test_contrastive_recovers_learnable_genes_and_predicts_by_retrieval(base):
     assert (c["k"], c["weighting"], c["n_proj"]) == (20, "softmax", 64)
     assert "contrastive (BLEEP)" in repr(model) and "top 20 of 99" in repr(model)
     # the references are the training spots and their transformed expression
-    a = model._arrays
+    a = model._fitted.arrays
     train = table.obs["sample_id"].isin(TRAIN).to_numpy()
     truth = transform_counts(table.X[train], model.target_transform, table.var_names.get_indexer(model.genes))
     np.testing.assert_allclose(a["reference_expression"], truth, rtol=1e-6)
@@ -418,7 +420,7 @@ def test_contrastive_recovers_learnable_genes_and_predicts_by_retrieval(base):
     X_test = rank_sections(table.obsm["X_morphology"][test], None)  # the section's own statistics
     z = (X_test[0] - a["scaler_mean"]) / a["scaler_scale"]
     with torch.no_grad():
-        q = model._get_network()(torch.from_numpy(z[None].astype(np.float32))).numpy()[0].astype(float)
+        q = model._get_predictor()(torch.from_numpy(z[None].astype(np.float32))).numpy()[0].astype(float)
     sim = a["reference_projection"].astype(float) @ q
     top = np.argsort(-sim)[:20]
     w = np.exp((sim[top] - sim[top].max()) / c["temperature"])
@@ -427,9 +429,9 @@ def test_contrastive_recovers_learnable_genes_and_predicts_by_retrieval(base):
     np.testing.assert_allclose(got, expected, rtol=1e-5)
     # BLEEP's plain average of the top k
     mean = fit_(base, genes=model.genes, **{**kw, "weighting": "mean", "max_epochs": 1})
-    a = mean._arrays
+    a = mean._fitted.arrays
     with torch.no_grad():
-        q = mean._get_network()(torch.from_numpy(z[None].astype(np.float32))).numpy()[0].astype(float)
+        q = mean._get_predictor()(torch.from_numpy(z[None].astype(np.float32))).numpy()[0].astype(float)
     top = np.argsort(-(a["reference_projection"].astype(float) @ q))[:20]
     np.testing.assert_allclose(
         mean.predict_embeddings(table.obsm["X_morphology"][test], rows=[0])[0],
@@ -490,7 +492,7 @@ def test_fit_computes_a_missing_embedding_and_cleans_up_on_failure(base):
 
 
 def test_default_embedding_is_the_context_morphology_and_the_tissue_position():
-    from histoseq.tl._fit import DEFAULT_EMBEDDING, EMBEDDING_PRESETS
+    from histoseq.tl._inputs import DEFAULT_EMBEDDING, EMBEDDING_PRESETS
 
     sdata = hs.datasets.synthetic(n_sections=2, section_size_um=900, random_state=3, progress=False)
     model = hs.tl.fit(sdata, genes=5, progress=False)

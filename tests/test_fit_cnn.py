@@ -8,7 +8,8 @@ import spatialdata as sd
 import torch
 
 import histoseq as hs
-from histoseq.tl._fit import _column_pearson, transform_counts
+from histoseq.tl._data import transform_counts
+from histoseq.tl._metrics import column_pearson as _column_pearson
 
 TRAIN = ["section0", "section1"]
 TEST = "section2"
@@ -128,7 +129,7 @@ def test_encoder_weights_from_a_file(base, genes, tmp_path):
     assert model.config["weights"] == str(path.resolve()) and len(model.config["weights_sha256"]) == 64
     for name, value in encoder.state_dict().items():
         if name.endswith("weight") and value.ndim == 4:
-            np.testing.assert_array_equal(model._arrays[f"net.encoder.{name}"], value.numpy())
+            np.testing.assert_array_equal(model._fitted.arrays[f"net.encoder.{name}"], value.numpy())
     assert "pretrained.pt" in repr(model)
 
 

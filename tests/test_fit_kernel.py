@@ -11,9 +11,11 @@ import pytest
 import spatialdata as sd
 
 import histoseq as hs
-from histoseq.tl._fit import _column_pearson, _section_norm_mode, rank_sections, standardise_sections, transform_counts
-from histoseq.tl._fit_kernel import fit_kernel, kernel_matrix
+from histoseq.tl._data import transform_counts
+from histoseq.tl._metrics import column_pearson as _column_pearson
+from histoseq.tl._sections import rank_sections, section_norm_mode, standardise_sections
 from histoseq.tl._targets import neighbor_genes, smooth_targets
+from histoseq.tl.methods._kernel import fit_kernel, kernel_matrix
 
 
 def nonlinear_table(n_per_group: int = 150, seed: int = 0) -> ad.AnnData:
@@ -62,7 +64,7 @@ def test_kernel_with_every_spot_a_landmark_is_exact_kernel_ridge():
         target_neighbors=1, kernel="rbf", relevance_power=0, progress=False,
     )  # fmt: skip
     assert model.provenance["alpha_rule"] == "given"
-    a = model._arrays
+    a = model._fitted.arrays
     Z = (table.obsm["X_e"] - a["scaler_mean"]) / a["scaler_scale"]
     Y = transform_counts(table.X[train], "log1p_cp10k", table.var_names.get_indexer(model.genes))
     # kernel ridge regression with an unpenalised intercept, in its dual form
@@ -82,7 +84,7 @@ def test_nystrom_landmarks_approximate_the_exact_model():
     exact = hs.tl.fit(table, **kw)
     small = hs.tl.fit(table, max_landmarks=120, **kw)
     assert exact.provenance["n_landmarks"] == 400 and small.provenance["n_landmarks"] == 120
-    assert small._arrays["landmarks"].shape == (120, 2)
+    assert small._fitted.arrays["landmarks"].shape == (120, 2)
     X = table.obsm["X_e"][(table.obs["sample_id"] == "c").to_numpy()]
     r = np.corrcoef(exact.predict_embeddings(X)[:, 0], small.predict_embeddings(X)[:, 0])[0, 1]
     assert r > 0.98
@@ -166,8 +168,8 @@ def test_rank_sections():
     np.testing.assert_allclose(rank_sections(np.exp(X), sections)[ok], Z[ok])  # only the order counts
     with pytest.raises(ValueError, match="whole section"):
         rank_sections(X[:5], np.array(["a", "a", "a", "a", "b"]))
-    assert _section_norm_mode(True) == "standardise"  # models saved when the option was a bool
-    assert _section_norm_mode(False) is None
+    assert section_norm_mode(True) == "standardise"  # models saved when the option was a bool
+    assert section_norm_mode(False) is None
 
 
 def test_predicting_some_spots_uses_their_whole_section(synthetic):
@@ -226,7 +228,7 @@ def test_an_embedding_of_several_parts_weighs_each_part_the_same(synthetic, tmp_
     weighted = hs.tl.fit(sdata, embedding="X_joined", **{**kw, "relevance_power": None})
     assert weighted.provenance["relevance_power"] == 2.0 and joined.provenance["relevance_power"] == 0.0
     assert score(weighted) > score(joined) + 0.1
-    w = weighted._arrays["column_weights"]
+    w = weighted._fitted.arrays["column_weights"]
     assert w.shape == (312,) and np.isclose(w.sum(), 1.0) and w[:12].sum() > 0.5
     assert parts.embedding == "X_small+X_wide" and parts.n_features == 312
     assert parts.config["blocks"] == [12, 300] and "blocks" not in joined.config
@@ -349,7 +351,7 @@ def test_kernel_chooses_target_smoothing_per_gene_by_cross_validation():
     other = table.copy()
     other.X[test] = np.random.default_rng(1).poisson(5.0, size=other.X[test].shape)
     again = hs.tl.fit(other, **kw)
-    np.testing.assert_array_equal(again._arrays["dual_coef"], smooth._arrays["dual_coef"])
+    np.testing.assert_array_equal(again._fitted.arrays["dual_coef"], smooth._fitted.arrays["dual_coef"])
 
     # a fixed neighbour count with a fixed width and penalty: the kernel model of the smoothed targets
     fixed = hs.tl.fit(table, target_neighbors=10, gamma=0.3, alpha=1.0, **kw)
@@ -359,7 +361,7 @@ def test_kernel_chooses_target_smoothing_per_gene_by_cross_validation():
     Y = smooth_targets(transform_counts(counts, "log1p_cp10k", [0, 1]), E, 10)
     X = rank_sections(table.obsm["X_e"][~test], table.obs["sample_id"].to_numpy()[~test])
     arrays, _, _ = fit_kernel(X, Y, None, None, None, random_state=0, gamma=0.3, alpha=1.0, kernel="rbf")
-    np.testing.assert_allclose(fixed._arrays["dual_coef"], arrays["dual_coef"], rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(fixed._fitted.arrays["dual_coef"], arrays["dual_coef"], rtol=1e-6, atol=1e-8)
 
     with pytest.raises(ValueError, match="target_neighbors"):
         hs.tl.fit(table, target_neighbors=[0, 5], **kw)
@@ -370,7 +372,7 @@ def test_relevance_weights_come_from_the_training_spots_and_are_saved(tmp_path):
     test = (table.obs["sample_id"] == "c").to_numpy()
     kw = {"genes": ["SHALLOW", "P0"], "embedding": "X_e", "train": ["a", "b"], "progress": False}
     model = hs.tl.fit(table, **kw)
-    w = model._arrays["column_weights"]
+    w = model._fitted.arrays["column_weights"]
     # the first column shows the cell state that the 60 deeper genes follow; the other ten are noise
     assert model.provenance["relevance_power"] == 2.0 and np.isclose(w.sum(), 1.0)
     assert w[0] > 0.5 and w[0] > 10 * w[1:].max()
@@ -379,18 +381,18 @@ def test_relevance_weights_come_from_the_training_spots_and_are_saved(tmp_path):
     other = table.copy()
     other.X[test] = np.random.default_rng(1).poisson(5.0, size=other.X[test].shape)
     again = hs.tl.fit(other, **kw)
-    np.testing.assert_array_equal(again._arrays["column_weights"], w)
-    np.testing.assert_array_equal(again._arrays["dual_coef"], model._arrays["dual_coef"])
+    np.testing.assert_array_equal(again._fitted.arrays["column_weights"], w)
+    np.testing.assert_array_equal(again._fitted.arrays["dual_coef"], model._fitted.arrays["dual_coef"])
     # the weights travel with the model
     X = table.obsm["X_e"][test]
     loaded = hs.tl.load_model(model.save(tmp_path / "weighted"))
     np.testing.assert_allclose(loaded.predict_embeddings(X), model.predict_embeddings(X), rtol=1e-6)
     # power 0: equal weights, nothing stored
     equal = hs.tl.fit(table, relevance_power=0, **kw)
-    assert "column_weights" not in equal._arrays and equal.provenance["relevance_power"] == 0.0
+    assert "column_weights" not in equal._fitted.arrays and equal.provenance["relevance_power"] == 0.0
     # None is the default power, also without target smoothing
     unsmoothed = hs.tl.fit(table, relevance_power=None, target_neighbors=1, **kw)
-    assert unsmoothed.provenance["relevance_power"] == 2.0 and "column_weights" in unsmoothed._arrays
+    assert unsmoothed.provenance["relevance_power"] == 2.0 and "column_weights" in unsmoothed._fitted.arrays
     for bad in (-1.0, float("nan"), True):
         with pytest.raises(ValueError, match="relevance_power"):
             hs.tl.fit(table, relevance_power=bad, **kw)
@@ -399,7 +401,7 @@ def test_relevance_weights_come_from_the_training_spots_and_are_saved(tmp_path):
 
 
 def test_relevance_weights_keep_each_part_of_an_embedding_at_its_share():
-    from histoseq.tl._fit_kernel import feature_relevance, relevance_weights
+    from histoseq.tl.methods._kernel import feature_relevance, relevance_weights
 
     rng = np.random.default_rng(0)
     state = rng.normal(size=300)
@@ -419,7 +421,7 @@ def test_relevance_weights_keep_each_part_of_an_embedding_at_its_share():
 def test_cross_validation_drops_an_added_part_that_says_nothing(synthetic, tmp_path):
     from test_fit import light_copy
 
-    from histoseq.tl._fit_kernel import default_part_weights
+    from histoseq.tl.methods._kernel import default_part_weights
 
     assert default_part_weights(2) == [[1.0, 1.0], [1.0, 0.0]]
     sdata = light_copy(synthetic)

@@ -19,7 +19,8 @@ from histoseq.models._augment import (
     random_resized_crop,
     rgb_to_hed,
 )
-from histoseq.tl._pretrain import _select_images, _write, nt_xent, sample_tiles, section_images
+from histoseq.models._pretrain import nt_xent
+from histoseq.tl._pretrain import _select_images, _write, sample_tiles, section_images
 
 HAS_SAFETENSORS = importlib.util.find_spec("safetensors") is not None
 

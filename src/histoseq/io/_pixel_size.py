@@ -17,6 +17,7 @@ from .._sdata import (
     transformations,
     um_coordinate_system_name,
 )
+from .._utils import jsonable
 
 if TYPE_CHECKING:
     from spatialdata import SpatialData
@@ -28,15 +29,9 @@ def record_pixel_size(sdata: SpatialData, image_key: str, value: float, method: 
     """Record in ``sdata.attrs["histoseq"]["pixel_size_um"]`` how an image's pixel size was obtained."""
     hs = dict(sdata.attrs.get("histoseq", {}))
     sizes = dict(hs.get("pixel_size_um", {}))
-    sizes[image_key] = {"value": float(value), "method": method, **{k: _jsonable(v) for k, v in details.items()}}
+    sizes[image_key] = {"value": float(value), "method": method, **{k: jsonable(v) for k, v in details.items()}}
     hs["pixel_size_um"] = sizes
     sdata.attrs["histoseq"] = hs
-
-
-def _jsonable(v: Any) -> Any:
-    if isinstance(v, np.generic):
-        return v.item()
-    return v
 
 
 def set_pixel_size(

@@ -18,7 +18,7 @@ import logging
 import os
 import re
 from collections.abc import Mapping, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .._sdata import get_table, resolve_regions, store_element
+from .._utils import seeded
 
 if TYPE_CHECKING:
     import torch
@@ -277,18 +278,6 @@ def _unknown(encoder: str) -> ValueError:
     )
 
 
-@contextmanager
-def _seeded(random_state: int | None):
-    import torch
-
-    if random_state is None:
-        yield
-        return
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(random_state))
-        yield
-
-
 def _timm_model(name: str) -> tuple[Any, dict[str, Any]]:
     try:
         import timm
@@ -318,7 +307,7 @@ def _resolve(encoder: Any, weights: str | Path | None = None, random_state: int 
             timm_name = key[len(_TIMM_PREFIX) :]
             if not timm_name:
                 raise ValueError("Give the timm model name after the prefix, e.g. 'timm:resnet18'.")
-            with _seeded(random_state):
+            with seeded(random_state):
                 model, info = _timm_model(timm_name)
             res = _Resolved(f"timm_{_safe_name(timm_name)}", None, "torch", True, spec=f"timm:{timm_name}", info=info)
             res.seeded = weights is None
@@ -345,7 +334,7 @@ def _resolve(encoder: Any, weights: str | Path | None = None, random_state: int 
         else:
             from ..models._encoders import ResNet18, SmallCNN
 
-            with _seeded(random_state):
+            with seeded(random_state):
                 model = SmallCNN() if low == "small_cnn" else ResNet18()
             res = _Resolved(low, model, "torch", True, seeded=weights is None)
         if weights is not None:

@@ -10,20 +10,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .._sdata import get_table, select_rows, store_element
-from ._fit import (
-    DEFAULT_EMBEDDING,
-    DEFAULT_METHOD,
-    ExpressionModel,
-    _column_pearson,
-    _embedding_key,
-    _embedding_matrix,
-    _ensure_embeddings,
-    _group_labels,
-    _prediction_info,
-    _section_labels,
-    fit,
-    transform_counts,
-)
+from ._data import embedding_key, embedding_matrix, group_labels, section_labels, transform_counts
+from ._fit import DEFAULT_EMBEDDING, DEFAULT_METHOD, ExpressionModel, fit, predict
+from ._inputs import ensure_embeddings
+from ._metrics import METRICS, gene_scores, log_depth, noise_ceiling
+from ._prediction import prediction_record
+from .methods import get_method
 
 if TYPE_CHECKING:
     import anndata as ad
@@ -32,70 +24,10 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-#: Per-gene scores, in the order of the columns of :func:`evaluate`'s result.
-METRICS = ("pearson", "spearman", "mse", "pearson_partial_depth")
-
 
 # --------------------------------------------------------------------------------------------------
 # Array layer
 # --------------------------------------------------------------------------------------------------
-
-
-def _residuals(a: np.ndarray, d: np.ndarray) -> np.ndarray:
-    """Residuals of the columns of ``a`` after a least-squares fit on ``d`` (with an intercept)."""
-    a = a - a.mean(axis=0)
-    dc = d - d.mean()
-    dd = float(dc @ dc)
-    if dd <= 1e-12 * max(1.0, float(np.abs(d).max(initial=0.0))) ** 2:
-        return a  # constant depth: nothing to regress out
-    return a - np.outer(dc, (dc @ a) / dd)
-
-
-def _scores_finite(pred: np.ndarray, truth: np.ndarray, depth: np.ndarray) -> dict[str, np.ndarray]:
-    from scipy.stats import rankdata
-
-    n, g = pred.shape
-    if n < 2:
-        nan = np.full(g, np.nan)
-        mse = ((pred - truth) ** 2).mean(axis=0) if n else nan
-        return {"pearson": nan, "spearman": nan.copy(), "mse": mse, "pearson_partial_depth": nan.copy()}
-    return {
-        "pearson": _column_pearson(pred, truth),
-        "spearman": _column_pearson(rankdata(pred, axis=0), rankdata(truth, axis=0)),
-        "mse": ((pred - truth) ** 2).mean(axis=0),
-        "pearson_partial_depth": _column_pearson(_residuals(pred, depth), _residuals(truth, depth)),
-    }
-
-
-def gene_scores(pred: np.ndarray, truth: np.ndarray, depth: np.ndarray) -> dict[str, np.ndarray]:
-    """Per-gene Pearson, Spearman, MSE and depth-partial Pearson of predictions against truth.
-
-    ``pred`` and ``truth`` are ``(n_spots, n_genes)``, ``depth`` is ``(n_spots,)`` (log total counts).
-    A gene is scored on the spots where its prediction is finite; a gene that is constant (in
-    prediction or truth) gets NaN correlations.
-    """
-    pred = np.asarray(pred, dtype=np.float64)
-    truth = np.asarray(truth, dtype=np.float64)
-    depth = np.asarray(depth, dtype=np.float64)
-    ok = np.isfinite(pred)
-    if ok.all():
-        out = _scores_finite(pred, truth, depth)
-        out["n_spots"] = np.full(pred.shape[1], pred.shape[0])
-        return out
-    out = {m: np.full(pred.shape[1], np.nan) for m in METRICS}
-    out["n_spots"] = ok.sum(axis=0)
-    # genes sharing a pattern of finite spots are scored together
-    patterns: dict[bytes, list[int]] = {}
-    for j in range(pred.shape[1]):
-        patterns.setdefault(np.packbits(ok[:, j]).tobytes(), []).append(j)
-    for cols in patterns.values():
-        rows = ok[:, cols[0]]
-        if not rows.any():
-            continue
-        part = _scores_finite(pred[np.ix_(rows, cols)], truth[np.ix_(rows, cols)], depth[rows])
-        for m in METRICS:
-            out[m][cols] = part[m]
-    return out
 
 
 def _score_table(
@@ -143,102 +75,6 @@ def _summary(scores: pd.DataFrame) -> dict[str, Any]:
 def _nan_stat(fn: Any, values: np.ndarray) -> float:
     values = values[np.isfinite(values)]
     return float(fn(values)) if values.size else float("nan")
-
-
-def _depth(counts: Any) -> np.ndarray:
-    """``log1p`` of the total counts of each spot (over all genes of the table)."""
-    return np.log1p(np.asarray(counts.sum(axis=1), dtype=np.float64).ravel())
-
-
-def noise_ceiling(
-    counts: Any,
-    transform: str | None,
-    columns: np.ndarray | None = None,
-    *,
-    n_repeats: int = 5,
-    random_state: int | None = 0,
-) -> np.ndarray:
-    """Estimated highest Pearson r that any prediction could reach on these spots, gene by gene.
-
-    Sequencing samples a few molecules of each gene in each spot, so the measured expression of a spot is its
-    true expression plus counting noise, and no prediction, however good, correlates with the measurement
-    better than the true expression does. That bound is estimated from the counts alone by splitting
-    them in two: every molecule goes to one half or the other with probability ½ (binomial thinning),
-    which gives two independent measurements of the same spots at half the depth. Their correlation
-    ``r_half`` (after ``transform``, each half normalised by its own total), stepped up to full depth
-    with the Spearman–Brown formula, is the reliability ``ρ = 2 r_half / (1 + r_half)``, and the ceiling
-    is ``√ρ``, the correlation of a measurement with its own noise-free value.
-
-    It is an estimate: it assumes independent (Poisson-like) sampling of the counted molecules, and it is a
-    little optimistic for very shallow genes. A gene constant over the spots gets NaN.
-
-    Parameters
-    ----------
-    counts
-        Raw integer counts, ``(n_spots, n_genes)``, dense or sparse (all genes: ``"log1p_cp10k"`` normalises
-        by each spot's total).
-    transform
-        The target transform (``"log1p_cp10k"``, ``"log1p"`` or ``None``), as in the model.
-    columns
-        Genes to score (column positions); all by default.
-    n_repeats
-        Random splits averaged.
-    random_state
-        Seed of the splits.
-
-    Returns
-    -------
-    ``(n_genes,)`` ceilings in [0, 1] (NaN where undefined).
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> from histoseq.tl._evaluate import noise_ceiling
-    >>> rng = np.random.default_rng(0)
-    >>> rate = np.exp(rng.normal(size=(500, 1)) + np.zeros((1, 20)))  # one pattern, 20 genes
-    >>> counts = rng.poisson(20 * rate)  # deep: little counting noise
-    >>> bool(noise_ceiling(counts, None).mean() > 0.9)
-    True
-
-    """
-    from scipy import sparse
-
-    from ._fit import _check_counts
-
-    _check_counts(counts)
-    values = counts.data if sparse.issparse(counts) else np.asarray(counts)
-    if values.size and not np.array_equal(values, np.round(values)):
-        raise ValueError(
-            "The noise ceiling splits the counted molecules in two, so it needs raw integer counts; these counts "
-            "are not integers (normalised?). Put the raw counts in `X` (e.g. `adata.X = adata.layers['counts']`)."
-        )
-    if int(n_repeats) < 1:
-        raise ValueError(f"`n_repeats` must be at least 1, got {n_repeats!r}.")
-    cols = np.arange(counts.shape[1]) if columns is None else np.asarray(columns, dtype=int)
-    if counts.shape[0] < 3:
-        return np.full(len(cols), np.nan)
-    rng = np.random.default_rng(random_state)
-    total = np.zeros(len(cols))
-    found = np.zeros(len(cols))
-    for _ in range(int(n_repeats)):
-        if sparse.issparse(counts):
-            a = sparse.csr_matrix(counts, dtype=np.float64, copy=True)
-            a.data = rng.binomial(np.round(a.data).astype(np.int64), 0.5).astype(np.float64)
-            b = sparse.csr_matrix(counts, dtype=np.float64) - a
-        else:
-            full = np.round(np.asarray(counts, dtype=np.float64)).astype(np.int64)
-            a = rng.binomial(full, 0.5).astype(np.float64)
-            b = full - a
-        r = _column_pearson(
-            transform_counts(a, transform, cols, check=False), transform_counts(b, transform, cols, check=False)
-        )
-        ok = np.isfinite(r)
-        total[ok] += r[ok]
-        found[ok] += 1
-    with np.errstate(invalid="ignore", divide="ignore"):
-        r_half = np.where(found > 0, total / np.maximum(found, 1), np.nan)
-        rho = 2 * r_half / (1 + r_half)
-    return np.sqrt(np.clip(rho, 0.0, 1.0))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -362,7 +198,7 @@ def evaluate(
     if (cols < 0).any():
         raise KeyError(f"Genes of `uns[{layer!r}]['genes']` are not in the table: {np.asarray(genes)[cols < 0][:10]}.")
     transform = _transform_from_uns(info["target_transform"])
-    labels = _group_labels(table, groups)
+    labels = group_labels(table, groups)
     pred_all = np.asarray(table.layers[layer][:, cols], dtype=np.float64)
     if spots is None:
         rows = np.flatnonzero(np.isfinite(pred_all).any(axis=1))
@@ -374,7 +210,7 @@ def evaluate(
             raise ValueError("`spots` selects no spot.")
     counts = table.X[rows]
     truth = transform_counts(counts, transform, cols)  # raises on NaN counts, before anything is written
-    scores = _score_table(pred_all[rows], truth, _depth(counts), genes, None if labels is None else labels[rows])
+    scores = _score_table(pred_all[rows], truth, log_depth(counts), genes, None if labels is None else labels[rows])
     metrics = list(METRICS)
     if ceiling:
         sub_labels = None if labels is None else labels[rows]
@@ -570,24 +406,24 @@ def cross_validate(
         if name in fit_kwargs:
             raise TypeError(f"`{name}` is set by cross_validate for each fold; it cannot be passed.")
     tkey, table = get_table(sdata, table_key)
-    labels = _group_labels(table, groups)
+    labels = group_labels(table, groups)
     assert labels is not None
     uniq = list(dict.fromkeys(labels.tolist()))
     if len(uniq) < 2:
         raise ValueError(f"Cross-validation needs at least two values of obs[{groups!r}], found {uniq}.")
     if donor_key is not None and donor_key != groups:
-        donors = _group_labels(table, donor_key)
+        donors = group_labels(table, donor_key)
         assert donors is not None
         _check_donor_leakage(labels, donors, groups, donor_key)
     if key_added is not None and key_added in table.layers and key_added == "X":
         raise ValueError("`key_added` cannot be 'X'.")
-    if method == "cnn":  # the network reads the patches: no embedding
+    if get_method(method).reads != "embedding":  # e.g. a network that reads the patches
         X_emb = None
     else:  # a frozen embedding learns nothing from the data: computing it for all spots at once leaks nothing
-        embedding = _embedding_key(embedding)
-        _ensure_embeddings([sdata], tkey, embedding, fit_kwargs.pop("embed_kwargs", None), random_state, progress)
+        embedding = embedding_key(embedding)
+        ensure_embeddings([sdata], tkey, embedding, fit_kwargs.pop("embed_kwargs", None), random_state, progress)
         table = sdata.tables[tkey]
-        X_emb = _embedding_matrix(table, embedding, f"Table {tkey!r}")
+        X_emb = embedding_matrix(table, embedding, f"Table {tkey!r}")
 
     logger.info("Cross-validating a %s model over %d values of obs[%r].", method, len(uniq), groups)
     score_parts, summary_rows, models, fold_preds = [], [], [], []
@@ -608,15 +444,13 @@ def cross_validate(
         )
         cols = table.var_names.get_indexer(model.genes)
         if X_emb is None:
-            from ._fit import predict
-
             pred = np.asarray(predict(sdata, model, table_key=tkey, spots=test, inplace=False).X, dtype=np.float64)
         else:
-            sections = _section_labels(table, groups) if model.section_norm else None
+            sections = section_labels(table, groups) if model.section_norm else None
             pred = model.predict_embeddings(X_emb, sections=sections, rows=test).astype(np.float64)
         counts = table.X[test]
         truth = transform_counts(counts, model.target_transform, cols)
-        s = gene_scores(pred, truth, _depth(counts))
+        s = gene_scores(pred, truth, log_depth(counts))
         part = pd.DataFrame(
             {"fold": i, "test_group": g, "gene": model.genes, "n_spots": s["n_spots"], **{m: s[m] for m in METRICS}}
         )
@@ -657,7 +491,7 @@ def cross_validate(
             layer[np.ix_(test, cols)] = pred
             all_genes.update(model.genes)
         table.layers[key_added] = layer
-        info = _prediction_info(fold_preds[0][3], n_spots=table.n_obs, source_table=tkey)
+        info = prediction_record(fold_preds[0][3], n_spots=table.n_obs, source_table=tkey)
         info.update(
             genes=[g for g in table.var_names if g in all_genes],
             train_groups=[],

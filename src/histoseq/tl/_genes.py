@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from ._data import as_table, check_counts, train_mask
+
 if TYPE_CHECKING:
     import anndata as ad
     from spatialdata import SpatialData
@@ -80,19 +82,17 @@ def select_genes(
     10
 
     """
-    from ._fit import _as_table, _check_counts, _train_mask
-
-    table = _as_table(adata_or_sdata, table_key)
+    table = as_table(adata_or_sdata, table_key)
     if int(n) < 1:
         raise ValueError(f"`n` must be a positive number of genes, got {n!r}.")
     if not 0 <= min_spot_fraction <= 1:
         raise ValueError(f"`min_spot_fraction` must lie in [0, 1], got {min_spot_fraction!r}.")
     if flavor not in _FLAVORS:
         raise ValueError(f"Unknown `flavor` {flavor!r}; choose one of {list(_FLAVORS)}.")
-    mask = _train_mask(table, train, groups)
+    mask = train_mask(table, train, groups)
     rows = np.flatnonzero(mask)
     counts = table.X[rows]
-    _check_counts(counts)
+    check_counts(counts)
     ranked = _rank_genes(counts, table.var_names.to_numpy(), min_spot_fraction=min_spot_fraction, flavor=flavor)
     if len(ranked) < n:
         logger.warning(
@@ -152,3 +152,28 @@ def _rank_genes(counts: Any, names: np.ndarray, *, min_spot_fraction: float, fla
     score = np.where(np.isfinite(score), score, -np.inf)
     order = np.argsort(-score, kind="stable")
     return sub.var_names.to_numpy()[order].tolist()
+
+
+def resolve_genes(
+    table: ad.AnnData,
+    genes: int | Sequence[str],
+    train_mask: np.ndarray,
+    *,
+    min_spot_fraction: float,
+    flavor: str,
+) -> list[str]:
+    """The genes a model learns: the names given (checked), or a number selected by :func:`select_genes`."""
+    if isinstance(genes, int | np.integer) and not isinstance(genes, bool):
+        return select_genes(table, int(genes), train=train_mask, min_spot_fraction=min_spot_fraction, flavor=flavor)
+    if isinstance(genes, str):
+        genes = [genes]
+    genes = [str(g) for g in genes]
+    if not genes:
+        raise ValueError("`genes` is empty; give gene names or a number of genes to select.")
+    dup = sorted({g for g in genes if genes.count(g) > 1})
+    if dup:
+        raise ValueError(f"`genes` lists some genes more than once: {dup}.")
+    missing = [g for g in genes if g not in table.var_names]
+    if missing:
+        raise KeyError(f"{len(missing)} of the requested genes are not in the table's var_names: {missing[:20]}.")
+    return genes

@@ -12,7 +12,7 @@ Only the training targets are smoothed, and only from training spots: a validati
 expression never enters them, and predictions are always scored against the raw targets. The kernel
 method chooses ``k`` (``1`` = no smoothing) by its section-grouped cross-validation, which smooths
 inside each inner training fold and scores on the raw held-out targets
-(:func:`histoseq.tl._fit_kernel.fit_kernel`).
+(:func:`histoseq.tl.methods._kernel.fit_kernel`).
 """
 
 from __future__ import annotations

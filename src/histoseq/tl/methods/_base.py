@@ -1,0 +1,121 @@
+"""The protocol that every expression method implements, and what a fitted method is.
+
+A method is a small object (one per module of :mod:`histoseq.tl.methods`) that says what it reads, which
+options it takes, how it learns from a :class:`~histoseq.tl._training_set.TrainingSet` and how it predicts.
+What it learns is a :class:`Fitted`: named arrays, a JSON-able configuration and a record of the training.
+:class:`~histoseq.tl.ExpressionModel` holds a :class:`Fitted` and saves it as tensors and JSON text, so a
+method never writes files and a model file never holds code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from .._training_set import TrainingSet
+
+#: What a method reads: an embedding (``obsm``), the patch around each spot, or bags of tiles per spot.
+Reads = Literal["embedding", "patches", "tiles"]
+#: What a method learns: expression values (regression) or classes.
+Task = Literal["regression", "classification"]
+
+
+@dataclass
+class Fitted:
+    """What a method learnt: everything a prediction needs, and nothing that is code.
+
+    Attributes
+    ----------
+    arrays
+        Named numeric arrays (weights, scalings, references); saved as tensors.
+    config
+        The method's options as used (JSON-able); saved as JSON.
+    info
+        How it was trained (chosen penalty, best epoch, ...); becomes the model's provenance.
+    n_features
+        Dimension of the input the method reads (the embedding, or the encoder's output for patches).
+
+    """
+
+    arrays: dict[str, np.ndarray]
+    config: dict[str, Any]
+    info: dict[str, Any] = field(default_factory=dict)
+    n_features: int = 0
+
+
+class ExpressionMethod:
+    """Base of the expression methods: a name, what it reads, its options, ``fit`` and ``predict``.
+
+    A new method subclasses this in a module of its own under :mod:`histoseq.tl.methods`, sets the class
+    attributes and implements :meth:`fit`, :meth:`predict` and :meth:`summary`; the registry
+    (:func:`histoseq.tl.methods.register`) makes ``hs.tl.fit(method=name)`` use it.
+
+    Attributes
+    ----------
+    name
+        The name that ``hs.tl.fit(method=...)`` takes.
+    description
+        One line for listings.
+    reads
+        ``"embedding"``, ``"patches"`` or ``"tiles"``.
+    task
+        ``"regression"`` (expression values) or ``"classification"``.
+    network
+        Whether it trains a network with Lightning (``max_epochs``, ``accelerator``, ``devices`` and
+        ``strategy`` apply).
+    options
+        The keyword options its :meth:`fit` takes.
+    arrays
+        The arrays every fitted state of it holds (checked when a model is made or loaded).
+
+    """
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+    reads: ClassVar[Reads] = "embedding"
+    task: ClassVar[Task] = "regression"
+    network: ClassVar[bool] = False
+    options: ClassVar[frozenset[str]] = frozenset()
+    arrays: ClassVar[tuple[str, ...]] = ()
+
+    def check_options(self, options: Mapping[str, Any]) -> None:
+        """Refuse unknown options (and, in methods that can, bad values) before any work is done."""
+        unknown = sorted(set(options) - set(self.options))
+        if unknown:
+            raise TypeError(f"Unknown option(s) {unknown} for method {self.name!r}; it takes {sorted(self.options)}.")
+
+    def patch_geometry(self, options: Mapping[str, Any]) -> tuple[float, int]:
+        """``(patch_size_um, patch_px)`` of the patches a method that reads patches is trained on."""
+        raise TypeError(f"Method {self.name!r} reads {self.reads}, not patches.")
+
+    def fit(self, data: TrainingSet, **options: Any) -> Fitted:
+        """Learn from the training spots ``data`` with the method's ``options``."""
+        raise NotImplementedError
+
+    def load(self, fitted: Fitted) -> Any:
+        """What :meth:`predict` runs: the fitted state itself, or for networks the rebuilt network (cached)."""
+        return fitted
+
+    def predict(self, fitted: Fitted, predictor: Any, inputs: np.ndarray, **options: Any) -> np.ndarray:
+        """Predictions ``(n, genes)`` for finite ``inputs`` (embedding rows, or uint8 patches)."""
+        raise NotImplementedError
+
+    def summary(self, fitted: Fitted) -> str:
+        """One line for :class:`~histoseq.tl.ExpressionModel`'s ``repr`` (``fitted.info`` is the provenance)."""
+        return self.name
+
+    def prediction_info(self, fitted: Fitted, **options: Any) -> dict[str, Any]:
+        """What a prediction records beside the model's genes and method (e.g. the patch size)."""
+        return {}
+
+    def __repr__(self) -> str:
+        return f"<{self.reads} {self.task} method {self.name!r}: {self.description}>"
+
+
+def standardised(fitted: Fitted, X: np.ndarray) -> np.ndarray:
+    """The rows of ``X`` scaled as the training embedding was (``scaler_mean``, ``scaler_scale``)."""
+    return (X - fitted.arrays["scaler_mean"]) / fitted.arrays["scaler_scale"]
