@@ -165,6 +165,7 @@ def test_only_the_method_modules_name_a_method():
 
 def test_registry_lists_the_methods_and_names_them_in_errors():
     assert list_methods()[:6] == ["kernel", "ridge", "ridge_hest", "mlp", "cnn", "contrastive"]
+    assert hs.tl.methods.list_methods() == list_methods()
     assert list_methods(reads="patches") == ["cnn"]
     for name in BUILTIN:
         method = get_method(name)

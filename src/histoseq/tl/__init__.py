@@ -20,10 +20,14 @@ _TOOLS = {
     "evaluate": "._evaluate",
     "cross_validate": "._evaluate",
 }
-__all__ = sorted(_TOOLS)
+__all__ = sorted([*_TOOLS, "methods"])
 
 
 def __getattr__(name: str):
+    if name == "methods":  # the registry of expression methods (a subpackage)
+        value = importlib.import_module(".methods", __name__)
+        globals()[name] = value
+        return value
     if name in _TOOLS:
         value = getattr(importlib.import_module(_TOOLS[name], __name__), name)
         globals()[name] = value

@@ -10,7 +10,7 @@ say what goes in and which plan trains it.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -21,10 +21,51 @@ from ._splits import validation_rows
 if TYPE_CHECKING:
     from ._training_set import TrainingSet
 
+
+
+@dataclass(frozen=True)
+class NetworkOptions:
+    """The options that every network method takes (each method has its own defaults).
+
+    Attributes
+    ----------
+    lr
+        Learning rate of AdamW.
+    weight_decay
+        Decoupled weight decay of AdamW.
+    batch_size
+        Spots per training batch.
+    patience
+        Epochs without a better validation loss before training stops.
+    val_groups
+        Training groups that early stopping watches; default: one drawn with ``random_state``.
+    val_fraction
+        Share of a single training group that early stopping watches (spatial blocks or random spots).
+    trainer_kwargs
+        Further arguments of the :class:`lightning.pytorch.Trainer`.
+
+    """
+
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    batch_size: int = 128
+    patience: int = 20
+    val_groups: Sequence[str] | str | None = None
+    val_fraction: float = 0.2
+    trainer_kwargs: Mapping[str, Any] | None = None
+
+    def record(self) -> dict[str, Any]:
+        """The options a model's configuration records."""
+        return {
+            "lr": float(self.lr),
+            "weight_decay": float(self.weight_decay),
+            "batch_size": int(self.batch_size),
+            "patience": int(self.patience),
+        }
+
+
 #: Options that every network method takes.
-NETWORK_OPTIONS = frozenset(
-    {"lr", "weight_decay", "batch_size", "patience", "val_groups", "val_fraction", "trainer_kwargs"}
-)
+NETWORK_OPTIONS = frozenset(f.name for f in fields(NetworkOptions))
 
 
 @dataclass
@@ -48,13 +89,9 @@ def fit_network(
     data: TrainingSet,
     inputs: Any,
     make_plan: Callable[[int], Any],
+    options: NetworkOptions,
     *,
     default_epochs: int,
-    batch_size: int,
-    patience: int,
-    val_groups: Sequence[str] | None,
-    val_fraction: float,
-    trainer_kwargs: Mapping[str, Any] | None,
     val_batch_size: int | None = None,
     drop_last: bool = False,
     min_train_spots: int = 1,
@@ -75,8 +112,8 @@ def fit_network(
         data.regions,
         data.coords,
         data.n,
-        val_groups=val_groups,
-        val_fraction=val_fraction,
+        val_groups=options.val_groups,
+        val_fraction=options.val_fraction,
         random_state=data.random_state,
     )
     if (~val).sum() < min_train_spots:
@@ -88,7 +125,7 @@ def fit_network(
     seed = training_seed(data.random_state)
     epochs = default_epochs if data.trainer.max_epochs is None else int(data.trainer.max_epochs)
     tr, va = np.flatnonzero(~val), np.flatnonzero(val)
-    batch = int(batch_size)
+    batch = int(options.batch_size)
     plan = train_plan(
         lambda: make_plan(seed),
         TensorDataset(inputs[tr].contiguous(), torch.from_numpy(Ys[tr])),
@@ -102,8 +139,8 @@ def fit_network(
         accelerator=data.trainer.accelerator,
         devices=data.trainer.devices,
         strategy=data.trainer.strategy,
-        patience=patience,
-        trainer_kwargs=trainer_kwargs,
+        patience=options.patience,
+        trainer_kwargs=options.trainer_kwargs,
     )
     # the weights of the best validation epoch, or the last ones when none was recorded
     state = plan.best_state or {k: v.detach().cpu() for k, v in plan.network.state_dict().items()}

@@ -15,7 +15,7 @@ patch parameters.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,7 +24,7 @@ import numpy as np
 
 from ..._utils import seeded, unpack_state
 from .._embed import _ALIASES, _TIMM_PREFIX, ENCODERS, _resolve
-from .._network_fit import NETWORK_OPTIONS, fit_network
+from .._network_fit import NETWORK_OPTIONS, NetworkOptions, fit_network
 from ._base import ExpressionMethod, Fitted
 
 if TYPE_CHECKING:
@@ -187,27 +187,23 @@ class CNN(ExpressionMethod):
         n_hidden: int = 256,
         n_layers: int = 1,
         dropout: float = 0.1,
-        lr: float = 1e-3,
         encoder_lr: float | None = None,
-        weight_decay: float = 1e-4,
-        batch_size: int = 64,
-        patience: int = 10,
-        val_groups: Sequence[str] | None = None,
-        val_fraction: float = 0.2,
         flips: bool = True,
         stain_jitter: float = 0.0,
         tta: bool = True,
-        trainer_kwargs: Mapping[str, Any] | None = None,
+        **network: Any,
     ) -> Fitted:
         """Train the network on the training patches; see :func:`histoseq.tl.fit`.
 
         The arrays hold the target scaling and the network's state dict (``net.*``); the configuration holds
-        the architecture and the patch parameters.
+        the architecture and the patch parameters. ``network``: :class:`~histoseq.tl._network_fit.NetworkOptions`
+        (here ``batch_size=64`` and ``patience=10`` by default).
         """
         import torch
 
         from ...models._plans import ImageRegressionPlan
 
+        opts = NetworkOptions(**{"batch_size": 64, "patience": 10, **network})
         if not (isinstance(stain_jitter, int | float) and 0 <= stain_jitter < 1):
             raise ValueError(f"`stain_jitter` must lie in [0, 1), got {stain_jitter!r}.")
         augment = None
@@ -231,7 +227,7 @@ class CNN(ExpressionMethod):
             )
             network.train()  # the registry hands out encoders in eval mode; Lightning keeps a module's mode
             return ImageRegressionPlan(
-                network, lr=lr, weight_decay=weight_decay, encoder_lr=encoder_lr, flips=flips, augment=augment
+                network, lr=opts.lr, weight_decay=opts.weight_decay, encoder_lr=encoder_lr, flips=flips, augment=augment
             )
 
         logger.info(
@@ -247,14 +243,10 @@ class CNN(ExpressionMethod):
             data,
             x_all,
             make_plan,
+            opts,
             default_epochs=100,
-            batch_size=batch_size,
-            val_batch_size=batch_size,
+            val_batch_size=opts.batch_size,
             drop_last=True,  # batch norm needs more than one patch per batch
-            patience=patience,
-            val_groups=val_groups,
-            val_fraction=val_fraction,
-            trainer_kwargs=trainer_kwargs,
         )
         config = {
             "encoder": str(encoder),
@@ -264,11 +256,8 @@ class CNN(ExpressionMethod):
             "n_hidden": int(n_hidden),
             "n_layers": int(n_layers),
             "dropout": float(dropout),
-            "lr": float(lr),
+            **opts.record(),
             "encoder_lr": None if encoder_lr is None else float(encoder_lr),
-            "weight_decay": float(weight_decay),
-            "batch_size": int(batch_size),
-            "patience": int(patience),
             "max_epochs": run.epochs,
             "flips": bool(flips),
             "stain_jitter": float(stain_jitter),

@@ -17,13 +17,13 @@ profiles: they keep the gene–gene structure of the references, and their range
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..._utils import standardise, unpack_state
-from .._network_fit import NETWORK_OPTIONS, fit_network
+from .._network_fit import NETWORK_OPTIONS, NetworkOptions, fit_network
 from ._base import ExpressionMethod, Fitted, standardised
 from ._mlp import run_network
 
@@ -58,20 +58,16 @@ class Contrastive(ExpressionMethod):
         n_proj: int = 256,
         dropout: float = 0.1,
         temperature: float = 0.1,
-        lr: float = 1e-3,
-        weight_decay: float = 1e-3,
-        batch_size: int = 256,
-        patience: int = 20,
-        val_groups: Sequence[str] | None = None,
-        val_fraction: float = 0.2,
         k: int = 50,
         weighting: str = "softmax",
-        trainer_kwargs: Any = None,
+        **network: Any,
     ) -> Fitted:
         """Train BLEEP's heads; the arrays hold the scalings, the heads (``net.*``) and the references.
 
         The references are the training spots: ``reference_projection`` (unit-norm projections of their
-        expression) and ``reference_expression`` (their transformed expression), both float32.
+        expression) and ``reference_expression`` (their transformed expression), both float32. ``network``:
+        :class:`~histoseq.tl._network_fit.NetworkOptions` (here ``weight_decay=1e-3`` and ``batch_size=256``
+        by default; a batch holds at least 2 spots).
         """
         import torch
 
@@ -87,25 +83,22 @@ class Contrastive(ExpressionMethod):
         X, Y, n = data.X, data.Y, data.n
         mean, scale = standardise(X)
         Xs = ((X - mean) / scale).astype(np.float32)
-        batch = max(2, int(batch_size))
+        opts = NetworkOptions(**{"weight_decay": 1e-3, "batch_size": 256, **network})
+        opts = replace(opts, batch_size=max(2, int(opts.batch_size)))
 
         def make_plan(seed: int) -> ContrastivePlan:
             heads = ContrastiveHeads(X.shape[1], Y.shape[1], n_proj=n_proj, dropout=dropout)
-            return ContrastivePlan(heads, lr=lr, weight_decay=weight_decay, temperature=temperature)
+            return ContrastivePlan(heads, lr=opts.lr, weight_decay=opts.weight_decay, temperature=temperature)
 
         run = fit_network(
             data,
             torch.from_numpy(Xs),
             make_plan,
+            opts,
             default_epochs=200,
-            batch_size=batch,
-            val_batch_size=max(batch, 1024),
+            val_batch_size=max(opts.batch_size, 1024),
             drop_last=True,  # a last batch of one spot has nothing to contrast
             min_train_spots=2,  # the contrastive loss needs pairs
-            patience=patience,
-            val_groups=val_groups,
-            val_fraction=val_fraction,
-            trainer_kwargs=trainer_kwargs,
         )
         net = run.plan.network
         net.load_state_dict(run.state)
@@ -119,10 +112,7 @@ class Contrastive(ExpressionMethod):
             "n_proj": int(n_proj),
             "dropout": float(dropout),
             "temperature": float(temperature),
-            "lr": float(lr),
-            "weight_decay": float(weight_decay),
-            "batch_size": batch,
-            "patience": int(patience),
+            **opts.record(),
             "max_epochs": run.epochs,
             "k": k_used,
             "weighting": weighting,

@@ -8,13 +8,12 @@ the weights of the best validation epoch kept (:func:`histoseq.tl._network_fit.f
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..._utils import standardise, unpack_state
-from .._network_fit import NETWORK_OPTIONS, fit_network
+from .._network_fit import NETWORK_OPTIONS, NetworkOptions, fit_network
 from ._base import ExpressionMethod, Fitted, standardised
 
 if TYPE_CHECKING:
@@ -49,47 +48,38 @@ class MLP(ExpressionMethod):
         n_hidden: int = 256,
         n_layers: int = 1,
         dropout: float = 0.1,
-        lr: float = 1e-3,
-        weight_decay: float = 1e-4,
-        batch_size: int = 128,
-        patience: int = 20,
-        val_groups: Sequence[str] | None = None,
-        val_fraction: float = 0.2,
-        trainer_kwargs: Any = None,
+        **network: Any,
     ) -> Fitted:
-        """Train the head; see :func:`histoseq.tl.fit`."""
+        """Train the head; see :func:`histoseq.tl.fit`.
+
+        ``network``: the options of :class:`~histoseq.tl._network_fit.NetworkOptions`.
+        """
         import torch
 
         from ...models._heads import MLPHead
         from ...models._plans import RegressionPlan
 
+        opts = NetworkOptions(**network)
         X = data.X
         mean, scale = standardise(X)
         Xs = ((X - mean) / scale).astype(np.float32)
 
         def make_plan(seed: int) -> RegressionPlan:
             net = MLPHead(X.shape[1], data.Y.shape[1], n_hidden=n_hidden, n_layers=n_layers, dropout=dropout)
-            return RegressionPlan(net, lr=lr, weight_decay=weight_decay)
+            return RegressionPlan(net, lr=opts.lr, weight_decay=opts.weight_decay)
 
         run = fit_network(
             data,
             torch.from_numpy(Xs),
             make_plan,
+            opts,
             default_epochs=200,
-            batch_size=batch_size,
-            patience=patience,
-            val_groups=val_groups,
-            val_fraction=val_fraction,
-            trainer_kwargs=trainer_kwargs,
         )
         config = {
             "n_hidden": int(n_hidden),
             "n_layers": int(n_layers),
             "dropout": float(dropout),
-            "lr": float(lr),
-            "weight_decay": float(weight_decay),
-            "batch_size": int(batch_size),
-            "patience": int(patience),
+            **opts.record(),
             "max_epochs": run.epochs,
         }
         return Fitted(run.arrays(scaler_mean=mean, scaler_scale=scale), config, run.info, n_features=X.shape[1])
