@@ -344,3 +344,142 @@ def test_large_mode_is_lazy_zarr_backed_and_deterministic(tmp_path):
 def test_invalid_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         hs.datasets.synthetic(progress=False, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------------
+# slide-level shifts
+# --------------------------------------------------------------------------------------------------
+
+SHIFT_KW = {"n_sections": 2, "section_size_um": 700, "random_state": 5}
+
+
+@pytest.fixture(scope="module")
+def unshifted():
+    return _quiet(**SHIFT_KW)
+
+
+def _tissue_od(sdata, reference, i: int) -> np.ndarray:
+    """``(3, n)`` optical densities of section ``i``'s pixels that are tissue in ``reference``."""
+    key = f"section{i}_image"
+    tissue = _level0(reference, key).mean(0) < 225
+    return -np.log(np.clip(_level0(sdata, key)[:, tissue].astype(float), 1, None) / 240.0)
+
+
+def _assert_same_table(a, b) -> None:
+    assert a.X.shape == b.X.shape
+    assert (a.X != b.X).nnz == 0
+    pd.testing.assert_frame_equal(a.obs, b.obs)
+
+
+def _section_totals(table, sid: str) -> np.ndarray:
+    return np.asarray(table.X[(table.obs["sample_id"] == sid).to_numpy()].sum(1)).ravel()
+
+
+def test_no_shift_records_nothing_and_neutral_shifts_change_nothing(unshifted):
+    params = unshifted.tables["table"].uns["synthetic"]["params"]
+    assert not {"stain_strength", "stain_hue", "tumour_fraction", "library_size", "blur_um"} & set(params)
+    neutral = _quiet(**SHIFT_KW, stain_strength=1.0, stain_hue=[0, None], library_size=1, blur_um=0)
+    for key in unshifted.images:
+        np.testing.assert_array_equal(_level0(neutral, key), _level0(unshifted, key))
+    _assert_same_table(neutral.tables["table"], unshifted.tables["table"])
+    params = neutral.tables["table"].uns["synthetic"]["params"]
+    assert params["stain_hue"] == [0.0, 0.0]
+    assert np.isnan(params["tumour_fraction"]).all()
+
+
+def test_stain_strength_scales_optical_density_not_counts(unshifted):
+    shifted = _quiet(**SHIFT_KW, stain_strength=[0.6, 1.4])
+    ratios = [_tissue_od(shifted, unshifted, i).mean() / _tissue_od(unshifted, unshifted, i).mean() for i in range(2)]
+    assert 0.5 < ratios[0] < 0.7, ratios
+    assert 1.3 < ratios[1] < 1.55, ratios
+    _assert_same_table(shifted.tables["table"], unshifted.tables["table"])
+    assert shifted.tables["table"].uns["synthetic"]["params"]["stain_strength"] == [0.6, 1.4]
+
+
+def test_stain_hue_turns_the_colour_not_the_counts(unshifted):
+    shifted = _quiet(**SHIFT_KW, stain_hue=[20, -20])
+    for i, sign in enumerate((1, -1)):
+        before, after = _tissue_od(unshifted, unshifted, i), _tissue_od(shifted, unshifted, i)
+        red_blue = (after[0].mean() / after[2].mean()) / (before[0].mean() / before[2].mean())
+        # +20°: eosin takes up blue (redder pink), -20°: it takes up red (magenta)
+        assert (red_blue < 0.8) if sign > 0 else (red_blue > 1.25), (i, red_blue)
+        assert abs(after.mean() / before.mean() - 1) < 0.1  # the stain amounts stay
+    _assert_same_table(shifted.tables["table"], unshifted.tables["table"])
+
+
+def test_tumour_fraction_sets_the_tumour_share_and_expression_follows(unshifted):
+    shifted = _quiet(**SHIFT_KW, tumour_fraction=[0.5, 0.9])
+    table = shifted.tables["table"]
+    params = table.uns["synthetic"]["params"]
+    np.testing.assert_allclose(params["tumour_area_fraction"], [0.5, 0.9], atol=0.01)
+    np.testing.assert_allclose(params["tumour_fraction"], [0.5, 0.9])
+    by_section = table.obs.groupby("sample_id", observed=True)["true_frac_tumour"].mean()
+    np.testing.assert_allclose(by_section.to_numpy(), [0.5, 0.9], atol=0.07)
+    # the expression model is absolute: the tumour-rich section expresses more of the tumour-rising gene
+    x = _log_normalised(table)
+    rising = np.flatnonzero((table.var["truth"] == "celltype_tumour").to_numpy() & (table.var["effect"] > 0).to_numpy())
+    sec1 = (table.obs["sample_id"] == "section1").to_numpy()
+    assert (x[sec1][:, rising].mean(0) > x[~sec1][:, rising].mean(0) + 0.3).all()
+    _assert_features_match_pixels(shifted)  # the true_ features describe the tissue as drawn
+
+
+def test_library_size_scales_the_counts_of_one_section(unshifted):
+    shifted = _quiet(**SHIFT_KW, library_size=[1, 0.1])
+    a, b = unshifted.tables["table"], shifted.tables["table"]
+    ratio = _section_totals(b, "section0").mean() / _section_totals(b, "section1").mean()
+    expected = _section_totals(a, "section0").mean() / _section_totals(a, "section1").mean() * 10
+    assert 6 < ratio < 14
+    assert abs(ratio / expected - 1) < 0.15
+    np.testing.assert_array_equal(_section_totals(a, "section0"), _section_totals(b, "section0"))
+    pd.testing.assert_frame_equal(a.obs, b.obs)
+
+
+def _mean_gradient(image: np.ndarray, tissue: np.ndarray) -> float:
+    img = image.astype(float)
+    gy, gx = np.abs(np.diff(img, axis=1))[:, :, :-1], np.abs(np.diff(img, axis=2))[:, :-1, :]
+    return float((gy + gx)[:, tissue[:-1, :-1]].mean())
+
+
+def test_blur_softens_the_image_not_the_truth(unshifted):
+    shifted = _quiet(**SHIFT_KW, blur_um=[0, 2.0])
+    np.testing.assert_array_equal(_level0(shifted, "section0_image"), _level0(unshifted, "section0_image"))
+    sharp, blurred = _level0(unshifted, "section1_image"), _level0(shifted, "section1_image")
+    tissue = sharp.mean(0) < 225
+    assert _mean_gradient(blurred, tissue) < 0.4 * _mean_gradient(sharp, tissue)
+    assert abs(blurred[:, tissue].astype(float).mean() - sharp[:, tissue].astype(float).mean()) < 3
+    _assert_same_table(shifted.tables["table"], unshifted.tables["table"])
+    assert shifted.tables["table"].uns["synthetic"]["params"]["blur_um"] == [0.0, 2.0]
+
+
+def test_large_mode_shifts(tmp_path):
+    kwargs = {"n_sections": 1, "section_size_um": 1000, "image_chunks": 512, "random_state": 2}
+    sdata = _quiet(path=tmp_path / "a.zarr", blur_um=1.5, tumour_fraction=0.8, **kwargs)
+    table = sdata.tables["table"]
+    assert table.uns["synthetic"]["params"]["tumour_area_fraction"][0] == pytest.approx(0.8, abs=0.01)
+    assert table.obs["true_frac_tumour"].mean() == pytest.approx(0.8, abs=0.1)
+    image = _level0(sdata, "section0_image")
+    tissue = image.mean(0) < 225
+    assert _mean_gradient(image, tissue) < 9  # about 17 unblurred
+    # blurred across the chunk borders: no seam at x = 512
+    steps = np.abs(np.diff(image[:, :, 500:524].astype(float), axis=2)).mean((0, 1))
+    assert steps[11] < 2 * np.median(steps)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"library_size": -1.0}, "library_size"),
+        ({"library_size": [1.0, 0.0]}, "library_size"),
+        ({"stain_strength": [1.0, 1.0, 1.0]}, "stain_strength"),
+        ({"tumour_fraction": 1.5}, "tumour_fraction"),
+        ({"tumour_fraction": [0.5, -0.1]}, "tumour_fraction"),
+        ({"stain_hue": float("nan")}, "stain_hue"),
+        ({"stain_hue": 120}, "stain_hue"),
+        ({"blur_um": -1}, "blur_um"),
+        ({"blur_um": "2"}, "blur_um"),
+        ({"stain_strength": True}, "stain_strength"),
+    ],
+)
+def test_invalid_shifts(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        hs.datasets.synthetic(n_sections=2, section_size_um=600, progress=False, **kwargs)

@@ -198,6 +198,8 @@ class _Section:
     features: dict[str, np.ndarray]
     spatial: np.ndarray  # (n_spots, n_spatial) standardised spatial fields at the spots
     rng_counts: np.random.Generator
+    library_size: float = 1.0  # multiplier of the expected counts (a slide-level shift)
+    tumour_area_fraction: float = float("nan")  # share of the tissue area in tumour regions
 
 
 def _spots_and_fields(
@@ -247,6 +249,8 @@ def _counts(sections: list[_Section], genes: _Genes, dispersion: float = 0.07) -
         size_factor = np.exp(s.rng_counts.normal(0.0, 0.3, n))
         shape = 2 / (1 + np.exp(-2 * drive * genes.effect))  # 2 * sigmoid: 1 at z = 0, pairs sum to 2
         mu = size_factor[:, None] * genes.base_rate * shape * np.exp(genes.donor_shift[donor])
+        if s.library_size != 1.0:
+            mu *= s.library_size
         lam = s.rng_counts.gamma(1 / dispersion, mu * dispersion)
         out.append(s.rng_counts.poisson(lam))
         start += n

@@ -22,6 +22,7 @@ this module builds the sections from them and assembles the SpatialData.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import warnings
@@ -31,6 +32,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ._shifts import _blur_lazy, _blur_rgb, _record_shifts, _section_shifts, _Shift
 from ._spots import (
     _MORPHOLOGY_FACTORS,
     _TRUTH_CATEGORIES,
@@ -54,29 +56,48 @@ logger = logging.getLogger(__name__)
 # --------------------------------------------------------------------------------------------------
 
 
-def _build_section_small(ss, i, n_donors, size_px, p, spot_diameter_um, spot_pitch_um, genes) -> _Section:
+def _build_section_small(ss, i, n_donors, size_px, p, spot_diameter_um, spot_pitch_um, genes, shift) -> _Section:
     ss_img, ss_spatial, ss_counts = ss.spawn(3)
     rng_img = np.random.default_rng(ss_img)
     size_um = size_px * p
     tissue = _tissue_grid(rng_img, size_um, size_um)
     stain_scale = tuple(rng_img.uniform(0.88, 1.12, 2))
-    rendered = _render(rng_img, size_px, size_px, p, tissue, stain_scale)
+    options = {}
+    if shift is not None:
+        strength, options = shift.render_options()
+        stain_scale = (stain_scale[0] * strength[0], stain_scale[1] * strength[1])
+    rendered = _render(rng_img, size_px, size_px, p, tissue, stain_scale, **options)
     xy_px, fields = _spots_and_fields(
         np.random.default_rng(ss_spatial), size_um, size_um, p, spot_diameter_um, spot_pitch_um, genes.n_fields
     )
     acc = _SpotFeatures(xy_px, spot_diameter_um / 2 / p)
     acc.add_labels(0, 0, rendered.labels)
     acc.add_nuclei(rendered.nuclei)
-    return _finish_section(i, n_donors, rendered.rgb, xy_px, acc, fields, p, ss_counts)
+    rgb = rendered.rgb
+    if shift is not None and shift.blur_um > 0:
+        rgb = _blur_rgb(rgb, shift.blur_um / p)
+    section = _finish_section(i, n_donors, rgb, xy_px, acc, fields, p, ss_counts)
+    return _apply_shift(section, shift, rendered.tumour_area_fraction)
 
 
-def _build_section_large(ss, i, n_donors, size_px, p, spot_diameter_um, spot_pitch_um, genes, chunk) -> _Section:
+def _apply_shift(section: _Section, shift: _Shift | None, tumour_area_fraction: float) -> _Section:
+    section.tumour_area_fraction = tumour_area_fraction
+    if shift is not None:
+        section.library_size = shift.library_size
+    return section
+
+
+def _build_section_large(ss, i, n_donors, size_px, p, spot_diameter_um, spot_pitch_um, genes, shift, chunk) -> _Section:
     ss_img, ss_spatial, ss_counts = ss.spawn(3)
     rng_img = np.random.default_rng(ss_img)
     size_um = size_px * p
     tissue = _tissue_grid(rng_img, size_um, size_um)
     stain_scale = tuple(rng_img.uniform(0.88, 1.12, 2))
-    bank = _TileBank(ss_img.spawn(1)[0], size_px, size_px, p, tissue, stain_scale)
+    options = {}
+    if shift is not None:
+        strength, options = shift.render_options()
+        stain_scale = (stain_scale[0] * strength[0], stain_scale[1] * strength[1])
+    bank = _TileBank(ss_img.spawn(1)[0], size_px, size_px, p, tissue, stain_scale, **options)
     xy_px, fields = _spots_and_fields(
         np.random.default_rng(ss_spatial), size_um, size_um, p, spot_diameter_um, spot_pitch_um, genes.n_fields
     )
@@ -90,8 +111,13 @@ def _build_section_large(ss, i, n_donors, size_px, p, spot_diameter_um, spot_pit
             acc.add_labels(y0, x0, bank.labels(y0, y1, x0, x1))
             acc.add_nuclei(bank.nuclei(ty, tx))
     token = f"{bank.key:x}-{size_px}-{p}-{chunk}"
+    if shift is not None:  # the same seed draws other pixels under other options
+        token += "-" + hashlib.sha256(repr(shift).encode()).hexdigest()[:12]
     image = _lazy_image(bank, chunk, name=f"histoseq-synthetic-section{i}-{token}")
-    return _finish_section(i, n_donors, image, xy_px, acc, fields, p, ss_counts)
+    if shift is not None and shift.blur_um > 0:
+        image = _blur_lazy(image, shift.blur_um / p)
+    section = _finish_section(i, n_donors, image, xy_px, acc, fields, p, ss_counts)
+    return _apply_shift(section, shift, bank.tumour_area_fraction())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -146,6 +172,11 @@ def synthetic(
     scale_factors: Sequence[int] = (2, 2),
     path: str | Path | None = None,
     progress: bool = True,
+    stain_strength: float | Sequence[float | None] | None = None,
+    stain_hue: float | Sequence[float | None] | None = None,
+    tumour_fraction: float | Sequence[float | None] | None = None,
+    library_size: float | Sequence[float | None] | None = None,
+    blur_um: float | Sequence[float | None] | None = None,
 ) -> SpatialData:
     """Synthetic H&E sections with spot expression whose dependence on morphology is known.
 
@@ -218,6 +249,42 @@ def synthetic(
         about 0.5 GB of memory.
     progress
         Show progress bars (sections, and the zarr write in large mode).
+    stain_strength
+        Slide-level shifts, for testing how robust a model is to differences between slides. Each of
+        these five options takes ``None`` (no change: the default, giving exactly the data drawn
+        without it), one number for every section, or a sequence of one number per section, in which a
+        ``None`` leaves that section unchanged. The tissue drawn for a section depends only on its seed
+        and its ``tumour_fraction``, so for the same ``random_state`` the other four options shift the
+        scan or the counts of otherwise identical sections.
+
+        ``stain_strength`` multiplies the haematoxylin and eosin optical densities of the section (on
+        top of the per-section variation; ``1.0``: no change). ``0.6`` gives a pale, ``1.5`` a dark
+        slide. The ``true_`` features and counts do not change.
+    stain_hue
+        Angle in degrees (-90 to 90) by which the haematoxylin and eosin optical-density vectors of the
+        section are turned about the grey axis ``(1, 1, 1)``, a different stain batch or scanner colour
+        profile (``0``: no change). This shifts the hue of both stains by about as many degrees:
+        positive angles turn eosin from pink towards red and haematoxylin from blue-purple towards
+        violet, negative ones eosin towards magenta and haematoxylin towards blue; 15–20° is a clearly
+        visible shift. Components that would turn negative (eosin's red one beyond about +27°) are
+        clipped to a small positive floor and the vectors renormalised. The ``true_`` features and
+        counts do not change.
+    tumour_fraction
+        Target share (0–1) of the section's tissue area in tumour regions, a shift in composition.
+        The tumour score is shifted against the larger of the stroma and immune scores by the quantile
+        of their difference over the tissue pixels, so the realised share matches the target to within
+        a pixel (in large mode, each tile is shifted to the target; the section's share is recorded in
+        ``uns``); stroma and immune split the rest as they would otherwise. The section's nuclei,
+        lumina, ``true_`` features and counts follow the tissue drawn: the expression model is absolute
+        (the driving factors are standardised over all spots of the dataset), so a tumour-rich section
+        also has more tumour-driven expression. The section's other random draws change with its
+        composition.
+    library_size
+        Multiplier of the expected counts of the section (``0.1``: ten times fewer molecules; ``1.0``:
+        no change). The ``true_`` features do not change.
+    blur_um
+        Standard deviation in µm of a Gaussian blur of the section's RGB image (scanner focus; ``0``: no
+        blur). The ``true_`` features and counts describe the tissue, not the scan, and do not change.
 
     Returns
     -------
@@ -244,7 +311,13 @@ def synthetic(
       ``'noise'``), ``learnable`` (driven by morphology visible in the image), ``feature`` (the driving
       ``obs`` column, ``''`` if none), ``effect`` (log fold change per standard deviation of the
       driver) and ``base_rate``;
-    - ``uns['synthetic']``: ``params`` (the arguments, and ``large_mode``) and ``cell_types``.
+    - ``uns['synthetic']``: ``params`` (the arguments, and ``large_mode``) and ``cell_types``. When
+      any slide-level shift is given, ``params`` also holds, for each of ``stain_strength``,
+      ``stain_hue``, ``tumour_fraction``, ``library_size`` and ``blur_um``, a list with the value
+      applied to each section in ``sample_id`` order (``1.0``, ``0.0``, ``nan``, ``1.0``, ``0.0`` where
+      not shifted), and ``tumour_area_fraction``: the realised share of each section's tissue area in
+      tumour regions (in large mode the mean over the tiles placed on tissue). Without shifts these
+      keys are absent.
 
     ``sdata.attrs['histoseq']`` records ``technology='synthetic'`` and the pixel size of every image.
 
@@ -269,6 +342,16 @@ def synthetic(
 
     _check_args(
         n_sections, n_donors, section_size_um, pixel_size_um, spot_diameter_um, spot_pitch_um, n_genes, image_chunks
+    )
+    shifts = _section_shifts(
+        {
+            "stain_strength": stain_strength,
+            "stain_hue": stain_hue,
+            "tumour_fraction": tumour_fraction,
+            "library_size": library_size,
+            "blur_um": blur_um,
+        },
+        int(n_sections),
     )
     scale_factors = [int(s) for s in scale_factors]
     params = {
@@ -298,12 +381,15 @@ def synthetic(
     )
     sections = []
     for i in tqdm(range(n_sections), desc="synthetic sections", disable=not progress):
-        args = (section_ss[i], i, n_donors, size_px, pixel_size_um, spot_diameter_um, spot_pitch_um, genes)
+        shift = None if shifts is None else shifts[i]
+        args = (section_ss[i], i, n_donors, size_px, pixel_size_um, spot_diameter_um, spot_pitch_um, genes, shift)
         if path is None:
             sections.append(_build_section_small(*args))
         else:
             sections.append(_build_section_large(*args, image_chunks))
     counts = _counts(sections, genes)
+    if shifts is not None:
+        _record_shifts(params, shifts, sections)
 
     images, shapes, obs_parts = {}, {}, []
     for s in sections:

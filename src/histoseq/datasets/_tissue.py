@@ -223,6 +223,7 @@ class _Rendered:
     rgb: np.ndarray  # (3, H, W) uint8
     labels: np.ndarray  # (H, W) uint8, one of the _GLASS ... _CLEFT codes
     nuclei: dict[str, np.ndarray]  # "x", "y" (px, continuous), "area_um2", "type" (index into CELL_TYPES)
+    tumour_area_fraction: float  # share of the tissue pixels in tumour regions (NaN without tissue)
 
 
 def _glass_noise(rng: np.random.Generator, shape: tuple[int, int]) -> np.ndarray:
@@ -245,8 +246,15 @@ def _render(
     pixel_size_um: float,
     tissue: _Grid | None,
     stain_scale: tuple[float, float] = (1.0, 1.0),
+    tumour_fraction: float | None = None,
+    stain_vectors: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> _Rendered:
-    """Draw a ``height × width`` px piece of H&E-stained tissue (all tissue when ``tissue`` is ``None``)."""
+    """Draw a ``height × width`` px piece of H&E-stained tissue (all tissue when ``tissue`` is ``None``).
+
+    ``tumour_fraction`` shifts the tumour score against the larger of the other two so that this share of
+    the tissue pixels is tumour (stroma and immune split the rest as drawn); ``stain_vectors`` replaces
+    the haematoxylin and eosin optical-density vectors (see :func:`._shifts._stain_vectors`).
+    """
     p = pixel_size_um
     h_um, w_um = height * p, width * p
 
@@ -269,6 +277,11 @@ def _render(
     box = (0, height, 0, width)
     in_tissue = np.ones((height, width), dtype=bool) if tissue is None else tissue.at_pixels(p, *box) > 0
     best = type_grids[0].at_pixels(p, *box)
+    if tumour_fraction is not None:
+        margin = best - np.maximum(type_grids[1].at_pixels(p, *box), type_grids[2].at_pixels(p, *box))
+        margin = margin[in_tissue] if in_tissue.any() else margin.ravel()
+        best -= np.float32(np.quantile(margin, 1.0 - tumour_fraction))  # ties go to tumour
+        del margin
     ctype = np.zeros((height, width), dtype=np.uint8)
     for k in range(1, len(CELL_TYPES)):
         f = type_grids[k].at_pixels(p, *box)
@@ -276,6 +289,8 @@ def _render(
         ctype[better] = k
         np.maximum(best, f, out=best)
     del best, f, better
+    n_tissue = int(np.count_nonzero(in_tissue))
+    tumour_area = np.count_nonzero((ctype == _TUMOUR) & in_tissue) / n_tissue if n_tissue else float("nan")
     is_stroma = ctype == _STROMA
     ys = ((np.arange(height, dtype=np.float32) + 0.5) * p)[:, None]
     xs = ((np.arange(width, dtype=np.float32) + 0.5) * p)[None, :]
@@ -429,10 +444,11 @@ def _render(
 
     # Beer-Lambert, with a little multiplicative sensor noise (also on the glass)
     noise = _glass_noise(rng, (height, width))
+    h_vec, e_vec = (_H_VEC, _E_VEC) if stain_vectors is None else stain_vectors
     rgb = np.empty((3, height, width), dtype=np.uint8)
     for c in range(3):
-        od = haem_od * -_H_VEC[c]
-        od -= eosin_od * _E_VEC[c]
+        od = haem_od * -h_vec[c]
+        od -= eosin_od * e_vec[c]
         np.exp(od, out=od)
         od *= noise
         np.clip(od, 0, 255, out=od)
@@ -441,7 +457,7 @@ def _render(
 
     area = np.pi * a_um * b_um
     nuclei = {"x": all_x, "y": all_y, "area_um2": area, "type": all_t.astype(np.int8)}
-    return _Rendered(rgb, labels, nuclei)
+    return _Rendered(rgb, labels, nuclei, float(tumour_area))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -471,6 +487,8 @@ class _TileBank:
         pixel_size_um: float,
         tissue: _Grid,
         stain_scale: tuple[float, float],
+        tumour_fraction: float | None = None,
+        stain_vectors: tuple[np.ndarray, np.ndarray] | None = None,
     ):
         self.height, self.width, self.p, self.tissue = height, width, pixel_size_um, tissue
         self.tile = min(_TILE_PX, max(height, width))
@@ -479,11 +497,31 @@ class _TileBank:
         children = ss.spawn(n_tiles + 1)
         self.key = int(ss.generate_state(1)[0])
         self.tiles = [
-            _render(np.random.default_rng(c), self.tile, self.tile, pixel_size_um, None, stain_scale)
+            _render(
+                np.random.default_rng(c),
+                self.tile,
+                self.tile,
+                pixel_size_um,
+                None,
+                stain_scale,
+                tumour_fraction,
+                stain_vectors,
+            )
             for c in children[:n_tiles]
         ]
         self.glass = _glass(np.random.default_rng(children[-1]), (self.tile, self.tile))
         self.n_tiles = n_tiles
+
+    def tumour_area_fraction(self) -> float:
+        """Share of the section's tissue in tumour regions, from the tiles placed in the cells on tissue."""
+        T = self.tile
+        shares = [
+            self.tiles[self.pick(ty, tx)[0]].tumour_area_fraction
+            for ty in range(math.ceil(self.height / T))
+            for tx in range(math.ceil(self.width / T))
+            if self.tissue_state(ty * T, min((ty + 1) * T, self.height), tx * T, min((tx + 1) * T, self.width)) != 0
+        ]
+        return float(np.mean(shares)) if shares else float("nan")
 
     def pick(self, ty: int, tx: int) -> tuple[int, int]:
         """Tile and dihedral variant of tile cell ``(ty, tx)``, from a hash of its position."""
