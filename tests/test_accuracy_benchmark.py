@@ -27,10 +27,10 @@ def bench():
 
 def test_mob_one_fold_every_kind_of_row(bench, mob_dir, tmp_path, monkeypatch):
     settings = replace(bench.QUICK, max_spots=90, cnn_epochs=2, pretrain_tiles=64, pretrain_epochs=1, mlp_epochs=10)
-    rows = [bench.DEFAULT_ROW, f"ridge:morphology:{bench.NO_NORM}", "ridge_hest:morphology", "contrastive:morphology"]
+    rows = [bench.DEFAULT_ROW, "ridge:morphology:rank", "ridge_hest:morphology", "contrastive:morphology"]
     rows += ["ridge:autoencoder", "kernel:autoencoder", "cnn:small_cnn", "control:shuffled", "control:depth"]
     rows += ["kernel:morphology+morphology_context", "reference:ceiling"]
-    rows += [f"{bench.DEFAULT_ROW}:{o}" for o in ("standardise", "raw-targets", "equal-weights", "equal-parts", "rbf")]
+    rows += [f"{bench.DEFAULT_ROW}:{o}" for o in ("rank", "standardise", "raw-targets", "equal-weights", "rbf")]
     csv = tmp_path / "results.csv"
     df = bench.run(["mob"], rows, mob_dir.parent, settings, log=lambda m: None, csv=csv)
     assert list(df["row"]) == rows
@@ -71,6 +71,10 @@ def test_mob_one_fold_every_kind_of_row(bench, mob_dir, tmp_path, monkeypatch):
     assert f"default {default['hvg_r']:.3f}" in margins[0]
     assert f"noise ceiling {ceiling['hvg_r']:.3f}" in margins[0]
     assert "| mob | reference:ceiling | " in table and "| – |" in table
+    # one table per split: the bulb is the confirmation split, looked at after defaults are chosen on her2st
+    report = bench.report(bench.summarise(df))
+    assert report.startswith("### Confirmation split (mob: looked at only after the choice)")
+    assert bench.SPLITS == {"development": ("her2st",), "confirmation": ("mob",)}
 
 
 def test_a_row_option_must_be_known(bench, mob_dir, tmp_path):

@@ -37,8 +37,8 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     # the noise genes vary for real (a high ceiling), but not with anything the image shows
     assert ceiling["noise"] > 0.5 and all(mean_r[k] < ceiling[k] for k in rows)
     model = hs.tl.load_model(tmp_path / "demo" / "model.pt")
-    assert model.embedding == "X_morphology_context+X_tissue_position" and model.method == "kernel"
-    assert model.section_norm
+    assert model.embedding == "X_morphology_context" and model.method == "kernel"
+    assert model.section_norm is None
     assert (tmp_path / "demo" / "autoencoder_small_cnn.pt").exists()
     assert "X_ssl" in back.tables["table"].obsm
     loss = [float(v) for v in out.split("reconstruction loss by epoch: ")[1].split("\n")[0].split(", ")]
@@ -48,5 +48,5 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
         for line in out.splitlines()
         if line.split()[3:4] and line.split()[3].startswith("X_") and " / " in line
     }
-    assert set(compare) == {"X_morphology_context+X_tissue_position", "X_morphology_context", "X_morphology", "X_ssl"}
+    assert set(compare) == {"X_morphology_context", "X_morphology", "X_ssl"}
     assert all(learnable > others + 0.2 for learnable, others in compare.values())

@@ -219,7 +219,7 @@ def test_evaluate_errors_leave_the_table_unchanged(sdata, model):
 
 def test_cross_validate_is_leakage_free_and_writes_nothing_by_default(sdata):
     before = snapshot(sdata)
-    cv = cross_validate_(sdata, genes=30, keep_models=True, progress=False)
+    cv = cross_validate_(sdata, groups="sample_id", genes=30, keep_models=True, progress=False)
     assert snapshot(sdata) == before
     assert list(cv.summary["test_group"]) == ["section0", "section1", "section2"]
     assert {"alpha", "pearson_mean", "pearson_median", "n_genes_pearson_positive", "n_test_spots"} <= set(
@@ -245,14 +245,15 @@ def test_cross_validate_selects_genes_inside_each_fold(sdata):
     test = (table.obs["sample_id"] == TEST).to_numpy()
     X[test, table.var_names.get_loc("NOISE1")] = np.random.default_rng(0).choice([0.0, 400.0], size=test.sum())
     table.X = sparse.csr_matrix(X)
-    cv = cross_validate_(sdata, genes=20, keep_models=True, progress=False)
+    cv = cross_validate_(sdata, groups="sample_id", genes=20, keep_models=True, progress=False)
     chosen = {g: "NOISE1" in m.genes for g, m in zip(cv.summary["test_group"], cv.models)}
     assert chosen == {"section0": True, "section1": True, "section2": False}
 
 
 def test_cross_validate_key_added_and_mlp(sdata):
     genes = ["TUM1", "TUM2", "DENS1", "EOS1", "NOISE1"]
-    cv = cross_validate_(sdata, genes=genes, method="mlp", key_added="cv", max_epochs=10, n_hidden=16, progress=False)
+    kw = {"genes": genes, "method": "mlp", "key_added": "cv", "max_epochs": 10, "n_hidden": 16, "progress": False}
+    cv = cross_validate_(sdata, groups="sample_id", **kw)
     assert "best_epoch" in cv.summary
     table = sdata.tables["table"]
     assert np.isfinite(table.layers["cv"][:, table.var_names.get_indexer(genes)]).all()
@@ -270,6 +271,11 @@ def test_cross_validate_refuses_donor_leakage(sdata):
     assert snapshot(sdata) == before
     cv = cross_validate_(sdata, groups="donor_id", donor_key="donor_id", genes=10, progress=False)
     assert list(cv.summary["test_group"]) == ["donor0", "donor1"]
+    # without `groups`, the folds are the donors (obs["donor_id"], which the readers fill)
+    by_default = cross_validate_(sdata, genes=10, keep_models=True, progress=False)
+    assert list(by_default.summary["test_group"]) == ["donor0", "donor1"]
+    assert [sorted(m.provenance["train_groups"]) for m in by_default.models] == [["donor1"], ["donor0"]]
+    pd.testing.assert_frame_equal(by_default.summary, cv.summary)
     sdata.tables["table"].obs["one"] = "x"
     with pytest.raises(ValueError, match="at least two"):
         cross_validate_(sdata, groups="one", progress=False)

@@ -11,7 +11,6 @@ import torch
 import histoseq as hs
 from histoseq.tl._data import transform_counts
 from histoseq.tl._metrics import column_pearson as _column_pearson
-from histoseq.tl._sections import rank_sections
 
 
 def _standin(func):
@@ -417,7 +416,7 @@ def test_contrastive_recovers_learnable_genes_and_predicts_by_retrieval(base):
     np.testing.assert_allclose(np.linalg.norm(a["reference_projection"], axis=1), 1, rtol=1e-5)
     # one spot by hand: project, take the 20 most similar references, softmax(similarity / T) weights
     test = np.flatnonzero(table.obs["sample_id"] == TEST)
-    X_test = rank_sections(table.obsm["X_morphology"][test], None)  # the section's own statistics
+    X_test = table.obsm["X_morphology"][test]  # read as it is (no per-section normalisation by default)
     z = (X_test[0] - a["scaler_mean"]) / a["scaler_scale"]
     with torch.no_grad():
         q = model._get_predictor()(torch.from_numpy(z[None].astype(np.float32))).numpy()[0].astype(float)
@@ -491,29 +490,66 @@ def test_fit_computes_a_missing_embedding_and_cleans_up_on_failure(base):
     assert other.tables["table"].obsm["X_tiny"].shape == (table.n_obs, 128)
 
 
-def test_default_embedding_is_the_context_morphology_and_the_tissue_position():
+def test_default_embedding_is_the_context_morphology_read_as_it_is():
     from histoseq.tl._inputs import DEFAULT_EMBEDDING, EMBEDDING_PRESETS
 
-    sdata = hs.datasets.synthetic(n_sections=2, section_size_um=900, random_state=3, progress=False)
-    model = hs.tl.fit(sdata, genes=5, progress=False)
+    sdata = hs.datasets.synthetic(n_sections=3, section_size_um=700, random_state=3, progress=False)
+    model = hs.tl.fit(sdata, genes=5, train=TRAIN, progress=False)
     table = sdata.tables["table"]
-    assert model.embedding == DEFAULT_EMBEDDING == "X_morphology_context+X_tissue_position"
-    assert model.method == "kernel" and model.section_norm
+    assert model.embedding == DEFAULT_EMBEDDING == "X_morphology_context"
+    assert model.method == "kernel" and model.section_norm is None  # no per-section statistics
+    assert "X_tissue_position" not in table.obsm  # how a dataset lies on the glass is no part of the default
     params = table.uns["morphology_context"]["params"]
     assert params["encoder"] == "morphology" and params["patch_size_um"] == [224.0, 448.0, 800.0]
     assert params["patch_size_um"] == EMBEDDING_PRESETS["X_morphology_context"]["patch_size_um"]
-    assert table.uns["tissue_position"]["params"]["encoder"] == "tissue_position"
     single = len(hs.tl._morphology.feature_names())
     assert table.obsm["X_morphology_context"].shape == (table.n_obs, 3 * single)
-    assert model.config["blocks"] == [3 * single, 2]  # the kernel weighs the position as much as the morphology
-    # a new slide gets the same parts when predict computes its embedding
-    other = hs.datasets.synthetic(n_sections=1, section_size_um=900, random_state=4, progress=False)
+    # a new slide gets the same embedding when predict computes it
+    other = hs.datasets.synthetic(n_sections=1, section_size_um=700, random_state=4, progress=False)
     hs.tl.predict(other, model)
     assert other.tables["table"].uns["morphology_context"]["params"]["patch_size_um"] == [224.0, 448.0, 800.0]
-    assert np.isfinite(other.tables["table"].obsm["X_tissue_position"]).all()
     cols = other.tables["table"].var_names.get_indexer(model.genes)
     assert np.isfinite(other.tables["table"].layers["predicted"][:, cols]).all()
-    # options of one part of the default embedding
+
+
+def test_a_spots_prediction_depends_only_on_its_image_and_the_model():
+    """Predicting a whole section, half of it or one spot gives the same values for the same spots."""
+    import pandas as pd
+
+    sdata = hs.datasets.synthetic(n_sections=3, section_size_um=700, random_state=6, progress=False)
+    model = hs.tl.fit(sdata, genes=8, train=TRAIN, progress=False)  # the defaults, embedding computed by fit
+    table = sdata.tables["table"]
+    test = np.flatnonzero((table.obs["sample_id"] == TEST).to_numpy())
+
+    def predicted(rows):
+        sub = subset_table(table, np.isin(np.arange(table.n_obs), rows))
+        del sub.obsm["X_morphology_context"], sub.uns["morphology_context"]  # each table embeds its own spots
+        slide = sd.SpatialData(images=dict(sdata.images), shapes=dict(sdata.shapes), tables={"table": sub})
+        out = hs.tl.predict(slide, model, inplace=False)
+        return pd.DataFrame(out.X, index=out.obs_names)
+
+    whole, half, one = predicted(test), predicted(test[: len(test) // 2]), predicted(test[3:4])
+    assert len(half) == len(test) // 2 and len(one) == 1 and np.isfinite(whole.to_numpy()).all()
+    np.testing.assert_allclose(half.to_numpy(), whole.loc[half.index].to_numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(one.to_numpy(), whole.loc[one.index].to_numpy(), rtol=1e-5, atol=1e-5)
+    # and `spots=` on the table that holds every section selects rows, nothing more
+    some = hs.tl.predict(sdata, model, spots=test[3:4], inplace=False)
+    np.testing.assert_allclose(some.X, whole.loc[one.index].to_numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_options_of_an_embedding_computed_by_fit():
     third = hs.datasets.synthetic(n_sections=2, section_size_um=600, random_state=5, progress=False)
-    hs.tl.fit(third, genes=3, embed_kwargs={"X_morphology_context": {"patch_px": 64}}, progress=False)
+    hs.tl.fit(third, genes=3, embed_kwargs={"patch_px": 64}, progress=False)
     assert third.tables["table"].uns["morphology_context"]["params"]["patch_px"] == 64
+    # options of one part of an embedding of several, e.g. with the tissue position on layered tissue
+    table = third.tables["table"]
+    del table.obsm["X_morphology_context"], table.uns["morphology_context"]
+    model = hs.tl.fit(
+        third,
+        genes=3,
+        embedding=["X_morphology_context", "X_tissue_position"],
+        embed_kwargs={"X_morphology_context": {"patch_px": 32}},
+        progress=False,
+    )
+    assert table.uns["morphology_context"]["params"]["patch_px"] == 32
+    assert model.config["blocks"] == [table.obsm["X_morphology_context"].shape[1], 2]

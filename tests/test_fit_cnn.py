@@ -159,7 +159,7 @@ def test_cross_validate_runs_the_cnn_on_patches(base):
     quick = {**CNN, "max_epochs": 1}
     quick.pop("method")
     quick.pop("progress")
-    cv = hs.tl.cross_validate(sdata, genes=5, method="cnn", key_added="cv", progress=False, **quick)
+    cv = hs.tl.cross_validate(sdata, groups="sample_id", genes=5, method="cnn", key_added="cv", progress=False, **quick)
     assert list(cv.summary["test_group"]) == ["section0", "section1", "section2"]
     assert np.isfinite(cv.summary["pearson_mean"]).all()
     table = sdata.tables["table"]

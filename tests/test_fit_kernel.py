@@ -137,7 +137,7 @@ def test_section_norm_undoes_a_slide_wide_shift_of_the_embedding(synthetic):
     test = (table.obs["sample_id"] == "section2").to_numpy()
     genes = list(table.var_names[table.var["learnable"].to_numpy()])[:10]
     kw = {"genes": genes, "embedding": "X_e", "train": ["section0", "section1"], "progress": False}
-    normed, raw = hs.tl.fit(synthetic, **kw), hs.tl.fit(synthetic, section_norm=False, **kw)
+    normed, raw = hs.tl.fit(synthetic, section_norm="rank", **kw), hs.tl.fit(synthetic, **kw)
     X = table.obsm["X_e"][test]
     stained = 2.0 * X + 4.0  # the held-out slide, stained and scanned differently
     truth = transform_counts(table.X[test], "log1p_cp10k", table.var_names.get_indexer(genes))
@@ -173,7 +173,8 @@ def test_rank_sections():
 
 
 def test_predicting_some_spots_uses_their_whole_section(synthetic):
-    model = hs.tl.fit(synthetic, genes=5, embedding="X_e", train=["section0", "section1"], progress=False)
+    kw = {"genes": 5, "embedding": "X_e", "train": ["section0", "section1"], "progress": False}
+    model = hs.tl.fit(synthetic, section_norm="rank", **kw)
     table = synthetic.tables["table"]
     light = sd.SpatialData(shapes=dict(synthetic.shapes), tables={"table": table.copy()})
     everything = hs.tl.predict(light, model, inplace=False)
@@ -337,7 +338,8 @@ def test_kernel_chooses_target_smoothing_per_gene_by_cross_validation():
     # an RBF kernel with equal weights of the dimensions: the relevance weights find the state column,
     # which leaves the smoothing less to add
     kw = {"genes": ["SHALLOW", "P0"], "embedding": "X_e", "train": ["a", "b"], "progress": False}
-    kw.update(kernel="rbf", relevance_power=0)
+    # (and ranks within sections, the setting this test was built on)
+    kw.update(kernel="rbf", relevance_power=0, section_norm="rank")
     raw = hs.tl.fit(table, target_neighbors=1, **kw)
     smooth = hs.tl.fit(table, **kw)  # default: (1, 10), chosen by the inner cross-validation
     assert raw.provenance["target_neighbors"] == [1, 1]

@@ -15,8 +15,8 @@ spot-centred patches of a fixed physical size from the image pyramids (chunk by 
 one section with a dense grid and cut patches there too; embed every spot with hand-crafted morphology
 features; pretrain a small CNN without labels on tissue tiles of the training sections (an autoencoder) and
 embed the spots with it; fit the default expression model (kernel ridge regression on morphology at three
-scales, rank-normalised within each section, each dimension weighted by its relevance to the training
-spots' expression) on all but the last section and predict the held-out one; print per-gene scores next
+scales, each dimension weighted by its relevance to the training spots' expression) on all but the last
+section and predict the held-out one; print per-gene scores next
 to the ground truth (learnable genes are predicted, noise genes are not) and compare the embeddings; write
 the model, the pretrained encoder, a figure of patches and the SpatialData (zarr) to the output folder.
 """
@@ -145,10 +145,9 @@ def demo(args: argparse.Namespace) -> int:
 
     say(f"Fitting the default model (hs.tl.fit) on {', '.join(train)}; holding out {test}...")
     say(
-        "  kernel ridge on morphology at 224, 448 and 800 µm around each spot and on the spot's offsets from the "
-        "tissue's centroid along the tissue's axes (both computed by fit, rank-normalised within each section, "
-        "each dimension weighted by how well it follows the training spots' expression); kernel width, penalty, "
-        "target smoothing and the parts' weights by leave-one-section-out CV"
+        "  kernel ridge on morphology at 224, 448 and 800 µm around each spot (computed by fit, each dimension "
+        "weighted by how well it follows the training spots' expression); kernel width, penalty and target "
+        "smoothing by leave-one-section-out CV"
     )
     model = hs.tl.fit(sdata, genes=list(table.var_names), train=train, progress=progress)
     say(
@@ -173,7 +172,7 @@ def demo(args: argparse.Namespace) -> int:
         say(f"    {line}  (depth-partial {partial.mean():+.2f}, noise ceiling {ceiling.mean():.2f})")
     learnable = table.var["learnable"].to_numpy(bool)
     compare = {model.embedding: scores["pearson"]}
-    for key in ("X_morphology_context", "X_morphology", "X_ssl") if ssl_path is not None else ("X_morphology",):
+    for key in ("X_morphology", "X_ssl") if ssl_path is not None else ("X_morphology",):
         other = hs.tl.fit(sdata, genes=list(table.var_names), train=train, embedding=key, progress=False)
         hs.tl.predict(sdata, other, key_added=f"predicted_{key}")
         sc = hs.tl.evaluate(sdata, layer=f"predicted_{key}", spots=is_test)

@@ -586,7 +586,8 @@ def embed(
     - ``"tissue_position"``: no patches; each spot's offsets (µm, absolute) from the centroid of the tissue
       of its image along the tissue's major and minor axes, from the image's tissue mask
       (:mod:`histoseq.tl._position`): where the spot lies in the tissue's organisation (layers around the
-      middle, a rim, one end or the other). Part of :func:`histoseq.tl.fit`'s default
+      middle, a rim, one end or the other). It helps on layered tissue whose sections lie alike and misleads
+      elsewhere (see :mod:`histoseq.tl._position`), so it is not part of :func:`histoseq.tl.fit`'s default
       embedding. ``patch_size_um``, ``patch_px``, ``weights`` and ``device`` do not apply.
 
     Stain differences between slides change every encoder's features; normalise the stains first where they

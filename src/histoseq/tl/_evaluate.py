@@ -320,10 +320,29 @@ def _check_donor_leakage(labels: np.ndarray, donors: np.ndarray, groups: str, do
         )
 
 
+#: The ``obs`` column of donor (patient, animal) labels that the readers fill.
+DONOR_KEY = "donor_id"
+
+
+def _default_groups(table: Any) -> str:
+    """What :func:`cross_validate` holds out by default: donors when the table has several, else sections."""
+    if DONOR_KEY in table.obs:
+        n_donors = table.obs[DONOR_KEY].nunique()
+        if n_donors >= 2:
+            logger.info("Cross-validating by donor (obs[%r], %d donors).", DONOR_KEY, n_donors)
+            return DONOR_KEY
+        logger.warning(
+            "All spots come from one donor (obs[%r]): the folds hold out sections of that donor, which flatters "
+            "the scores a new patient would get.",
+            DONOR_KEY,
+        )
+    return "sample_id"
+
+
 def cross_validate(
     sdata: SpatialData,
     *,
-    groups: str = "sample_id",
+    groups: str | None = None,
     donor_key: str | None = None,
     genes: int | Sequence[str] = 50,
     method: str = DEFAULT_METHOD,
@@ -338,7 +357,7 @@ def cross_validate(
 ) -> CrossValidation:
     """Leave-one-group-out cross-validation of an expression model, leakage-free by construction.
 
-    For each value of ``obs[groups]`` (a section, or a donor), a model is fitted by
+    For each value of ``obs[groups]`` (a donor by default, or a section), a model is fitted by
     :func:`histoseq.tl.fit` with ``train=`` the other groups, so that everything learnt (gene selection,
     scaling, principal components, penalty, early stopping) sees the training groups only; it predicts
     the held-out group, which is scored as in :func:`histoseq.tl.evaluate`. With ``genes=n`` each fold
@@ -353,7 +372,9 @@ def cross_validate(
     sdata
         The SpatialData, with counts in the table's ``X`` and the embedding in ``obsm[embedding]``.
     groups
-        Column of ``obs`` whose values are held out one at a time.
+        Column of ``obs`` whose values are held out one at a time. Default: ``"donor_id"`` (which the readers
+        fill) when the table has spots of two or more donors, so that every fold predicts a donor it was
+        not trained on; else ``"sample_id"`` (sections), with a warning when they all come from one donor.
     donor_key
         Column of ``obs`` with donor labels, to check that no donor is on both sides of a split.
     genes
@@ -394,8 +415,11 @@ def cross_validate(
     >>> sdata = hs.datasets.synthetic(n_sections=3, section_size_um=900, progress=False)
     >>> t = sdata.tables["table"]
     >>> t.obsm["X_demo"] = np.random.default_rng(0).normal(size=(t.n_obs, 8))
-    >>> cv = hs.tl.cross_validate(sdata, genes=10, embedding="X_demo", progress=False)
+    >>> cv = hs.tl.cross_validate(sdata, genes=10, embedding="X_demo", progress=False)  # by donor
     >>> cv.summary["test_group"].tolist()
+    ['donor0', 'donor1']
+    >>> by_section = hs.tl.cross_validate(sdata, groups="sample_id", genes=10, embedding="X_demo", progress=False)
+    >>> by_section.summary["test_group"].tolist()
     ['section0', 'section1', 'section2']
 
     """
@@ -406,6 +430,8 @@ def cross_validate(
         if name in fit_kwargs:
             raise TypeError(f"`{name}` is set by cross_validate for each fold; it cannot be passed.")
     tkey, table = get_table(sdata, table_key)
+    if groups is None:
+        groups = _default_groups(table)
     labels = group_labels(table, groups)
     assert labels is not None
     uniq = list(dict.fromkeys(labels.tolist()))

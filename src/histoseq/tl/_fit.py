@@ -53,7 +53,7 @@ def fit(
     genes: int | Sequence[str] = 50,
     method: str = DEFAULT_METHOD,
     embedding: str | Sequence[str] = DEFAULT_EMBEDDING,
-    section_norm: Literal["rank", "standardise"] | bool = "rank",
+    section_norm: Literal["rank", "standardise"] | bool = False,
     train: Sequence[str] | np.ndarray | None = None,
     table_key: str | None = "table",
     target_transform: TargetTransform = "log1p_cp10k",
@@ -80,22 +80,21 @@ def fit(
     :func:`histoseq.tl.embed`, with the encoder named by the key (``"X_morphology"`` → ``"morphology"``,
     ``"X_resnet18"`` → ``"resnet18"``) and the options ``embed_kwargs`` (e.g. ``{"patch_px": 128}``, or
     ``{"encoder": "resnet18", "weights": "ssl.pt"}`` for another key). The default,
-    ``"X_morphology_context+X_tissue_position"``, reads two parts: the morphology encoder at 224, 448 and
-    800 µm around each spot, and the spot's offsets from the centroid of its tissue along the tissue's
-    major and minor axes, which say where it lies in the tissue's organisation
-    (``encoder="tissue_position"``; both in :data:`~histoseq.tl._inputs.EMBEDDING_PRESETS`). Both come from
-    the image alone. With ``method="kernel"`` it was the most accurate embedding on the real-data folds of
-    ``benchmarks/accuracy.py`` among those that need no optional extra. So ``hs.tl.fit(sdata)`` then
-    ``hs.tl.predict(other, model)`` is a whole workflow.
+    ``"X_morphology_context"``, is the morphology encoder at 224, 448 and 800 µm around each spot (the spot,
+    its neighbours and its tissue context; :data:`~histoseq.tl._inputs.EMBEDDING_PRESETS`), on
+    stain-normalised patches. It comes from the spot's image alone, so a spot's prediction depends only on
+    its image and the model. So ``hs.tl.fit(sdata)`` then ``hs.tl.predict(other, model)`` is a whole workflow.
 
-    Staining, thickness and scanning shift and bend every image feature of a slide, so the embedding
-    methods first normalise each dimension of the embedding within each section (the spots element of a
-    row, or ``obs[groups]`` for a table that records no regions), at training and again at prediction.
-    ``section_norm="rank"`` (the default) replaces each value by the normal score of its rank among the
-    section's spots (:func:`~histoseq.tl._sections.rank_sections`), which undoes any monotone distortion;
-    ``"standardise"`` (or ``True``) centres and scales (:func:`~histoseq.tl._sections.standardise_sections`);
-    ``False`` reads the embedding as it is. Both read images only. Predictions then need whole sections:
-    the statistics of a section come from all of its spots, whichever ``spots=`` are predicted.
+    ``section_norm`` (default ``False``: the embedding is read as it is) can normalise each dimension of the
+    embedding within each section (the spots element of a row, or ``obs[groups]`` for a table that records no
+    regions), at training and again at prediction: ``"rank"`` replaces each value by the normal score of its
+    rank among the section's spots (:func:`~histoseq.tl._sections.rank_sections`), ``"standardise"`` (or
+    ``True``) centres and scales (:func:`~histoseq.tl._sections.standardise_sections`). Both **assume that
+    every section holds the same mix of tissue**: a section with more tumour than the training sections has
+    its tumour features pulled towards the training sections' average, which biases its predictions, and a
+    spot's prediction then depends on which other spots of its section are predicted with it. Stain and
+    scanner differences are better handled on the pixels, which :func:`histoseq.tl.embed` does by default
+    (``stain_norm``). Use a per-section normalisation only for sections of one tissue, alike in make-up.
 
     The methods:
 
@@ -187,8 +186,8 @@ def fit(
         cross-validation (``part_weights``, see above; :func:`~histoseq.tl.methods._kernel.kernel_matrix`);
         the other methods read the concatenation. Prediction needs all the parts.
     section_norm
-        ``"rank"``, ``"standardise"`` (``True``) or ``False``: how the embedding is normalised within each
-        section (see above; not used by ``"cnn"``).
+        ``False`` (default), ``"rank"`` or ``"standardise"`` (``True``): whether and how the embedding is
+        normalised within each section (see above and its assumption; not used by ``"cnn"``).
     train
         Training spots: ``None`` (all), values of ``obs[groups]`` (e.g. sample ids), or a boolean mask over
         the rows (of the concatenated tables, for a list).

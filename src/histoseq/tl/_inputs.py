@@ -29,18 +29,18 @@ logger = logging.getLogger(__name__)
 
 #: Embeddings that :func:`fit` computes by name when a table lacks them: ``obsm`` key -> :func:`embed` options.
 #: ``"X_morphology_context"`` is the hand-crafted morphology of the spot's patch at three scales (224, 448
-#: and 800 µm: the spot, its neighbours and its tissue context); ``"X_tissue_position"`` the spot's
-#: offsets from the centroid of the tissue along its major and minor axes (:mod:`histoseq.tl._position`).
-#: Read together, as two parts, they are the default embedding: the best on the real-data folds of
-#: ``benchmarks/accuracy.py`` among those that need no optional extra (see the benchmark page of the docs).
+#: and 800 µm: the spot, its neighbours and its tissue context): the default embedding. ``"X_tissue_position"``
+#: is the spot's offsets from the centroid of the tissue along its major and minor axes
+#: (:mod:`histoseq.tl._position`): it describes how a dataset's sections lie, not morphology, so it is no part
+#: of the default (see the benchmark page of the docs for which split chose what).
 EMBEDDING_PRESETS: dict[str, dict[str, Any]] = {
     "X_morphology_context": {"encoder": "morphology", "patch_size_um": [224.0, 448.0, 800.0], "patch_px": 224},
     "X_tissue_position": {"encoder": "tissue_position"},
     # ImageNet features at the spot and its context (needs histoseq[imagenet]); added to the default embedding,
-    # ``embedding=["X_morphology_context", "X_imagenet_context", "X_tissue_position"]``, see the benchmark page
+    # ``embedding=["X_morphology_context", "X_imagenet_context"]``, see the benchmark page
     "X_imagenet_context": {"encoder": "imagenet", "patch_size_um": [224.0, 448.0, 800.0], "patch_px": 224},
 }
-DEFAULT_EMBEDDING = "X_morphology_context+X_tissue_position"
+DEFAULT_EMBEDDING = "X_morphology_context"
 
 # embedding parameters that do not change the embedding of a spot (compared with a warning only)
 RUN_PARAMS = {"batch_size", "progress", "device", "accelerator", "devices", "num_workers", "n_jobs", "key_added"}

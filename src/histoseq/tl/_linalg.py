@@ -66,7 +66,7 @@ def svd(A: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def ridge_cv(
-    P: np.ndarray,
+    P: np.ndarray | Sequence[np.ndarray],
     Y: np.ndarray,
     folds: list[tuple[np.ndarray, np.ndarray]],
     alphas: np.ndarray,
@@ -77,6 +77,9 @@ def ridge_cv(
 
     For a fold with centred training features ``P = U S Vᵀ``, the ridge coefficients for penalty ``a`` are
     ``V diag(s / (s² + a)) Uᵀ Y``, so all penalties cost one SVD and a few small products.
+
+    ``P`` is one feature matrix for all folds, or one per fold (features that a fold learns from its own
+    training spots, e.g. weighted by the relevance of each dimension there), each with all rows.
 
     ``fold_targets``: the targets each fold trains on (e.g. smoothed within the fold's training spots,
     :mod:`histoseq.tl._targets`), one array per fold with the rows of its training spots; the held-out
@@ -94,12 +97,16 @@ def ridge_cv(
     count = 0
     corr = np.zeros(shape)
     corr_n = np.zeros(shape)
+    per_fold = isinstance(P, list | tuple)
+    if per_fold and len(P) != len(folds):
+        raise ValueError(f"`P` holds {len(P)} feature matrices for {len(folds)} folds.")
     for f, (tr, va) in enumerate(folds):
+        Pf = P[f] if per_fold else P
         Y_tr = Y[tr] if fold_targets is None else fold_targets[f]
-        p_mean, y_mean = P[tr].mean(axis=0), Y_tr.mean(axis=0)
-        U, s, Vt = svd(P[tr] - p_mean)
+        p_mean, y_mean = Pf[tr].mean(axis=0), Y_tr.mean(axis=0)
+        U, s, Vt = svd(Pf[tr] - p_mean)
         uty = U.T @ (Y_tr - y_mean)
-        a = (P[va] - p_mean) @ Vt.T
+        a = (Pf[va] - p_mean) @ Vt.T
         for i, alpha in enumerate(alphas):
             pred = a @ ((s / (s * s + alpha))[:, None] * uty) + y_mean
             sse[i] += (((pred - Y[va]) ** 2) / var).sum(axis=0)

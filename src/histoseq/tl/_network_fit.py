@@ -22,7 +22,6 @@ if TYPE_CHECKING:
     from ._training_set import TrainingSet
 
 
-
 @dataclass(frozen=True)
 class NetworkOptions:
     """The options that every network method takes (each method has its own defaults).

@@ -9,10 +9,19 @@ the section lies on the glass, nor on which way an axis points. The mask is that
 :func:`histoseq.pp.detect_tissue`, so the encoder needs no expression and works on dense grids and on
 image-only slides like any other encoder.
 
-:func:`histoseq.tl.fit`'s default per-section rank normalisation turns the offsets into "how far out along
-each axis of its section", comparable between sections of different sizes. On a round piece of tissue the
-axes are arbitrary (``elongation`` near 1 in the summary), but the distance to the centroid that the two
-offsets make together is not.
+It is not part of :func:`histoseq.tl.fit`'s default embedding, because it describes how a dataset's sections
+lie rather than what the tissue looks like:
+
+- it **helps** on layered or rimmed tissue whose sections are cut and laid alike (serial sections of one
+  organ: the olfactory bulbs of ``benchmarks/accuracy.py`` gain from it), read as a second part,
+  ``hs.tl.fit(embedding=["X_morphology_context", "X_tissue_position"])``;
+- it **misleads** on tissue without such an organisation (a tumour of another patient loses accuracy with
+  it), on sections of different sizes or shapes (the offsets are in µm), and wherever the frame moves: tissue
+  in several pieces, a section cut off by the capture area or the image border, tissue outside the capture
+  area. The encoder warns in the last cases.
+
+On a round piece of tissue the axes are arbitrary (``elongation`` near 1 in the summary), but the distance
+to the centroid that the two offsets make together is not.
 """
 
 from __future__ import annotations

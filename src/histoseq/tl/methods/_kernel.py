@@ -19,8 +19,10 @@ Not every dimension of an embedding tells about expression (a stain's DAB channe
 the wrong scale), yet an isotropic kernel lets each move distances as much as any other. Each dimension
 is therefore weighted by its *relevance*: its squared correlation with the leading principal components
 of the training spots' expression (all measured genes, not only the targets), averaged with the
-components' variances as weights, raised to ``relevance_power``. The weights come from the training
-spots before any cross-validation, like the standardisation, and are stored with the model.
+components' variances as weights, raised to ``relevance_power``. The model's weights come from all its
+training spots and are stored with it; inside the cross-validation, each inner fold computes them from its
+own training spots (as it smooths its own targets), so the held-out spots' expression never shapes the
+kernel they are scored with.
 
 Shallow genes are mostly counting noise at one spot. The cross-validation therefore also decides, gene by
 gene, whether the model trains on the raw targets or on each training spot's targets averaged over its
@@ -372,10 +374,20 @@ def fit_kernel(
         # held-out error and correlation per (neighbours, part weighting, width, penalty, gene)
         mse = np.full((len(k_grid), len(candidates), len(gamma_grid), len(alpha_grid), Y.shape[1]), np.nan)
         corr = np.full_like(mse, np.nan)
+        # the relevance of each dimension, like the smoothed targets, comes from each inner fold's own
+        # training spots: the held-out section's expression never shapes the kernel it is scored with
+        fold_relevance = (
+            [feature_relevance(Z[tr], expression[tr]) for tr, _ in folds] if relevance is not None else None
+        )
         for c, shares in enumerate(candidates):
-            weights = weights_for(shares)
+            weights = weights_for(shares) if fold_relevance is None else None  # the same in every fold
+            fold_weights = (
+                None
+                if fold_relevance is None
+                else [relevance_weights(r, power, blocks, shares) for r in fold_relevance]
+            )
             for i, g in enumerate(gamma_grid):
-                Phi, _ = features(g, weights)
+                Phi = features(g, weights)[0] if fold_weights is None else [features(g, w)[0] for w in fold_weights]
                 for h, k in enumerate(k_grid):
                     mse[h, c, i], corr[h, c, i] = ridge_cv(
                         Phi, Y, folds, alpha_grid, fold_targets=fold_targets.get(k), per_gene=True
