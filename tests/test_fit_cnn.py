@@ -62,6 +62,7 @@ def test_cnn_recovers_learnable_genes_on_a_held_out_section(base, model):
     assert model.embedding is None and model.uses_images and model.n_features == 128
     c = model.config
     assert (c["encoder"], c["patch_px"], c["patch_size_um"], c["tta"]) == ("small_cnn", 32, 112.0, True)
+    assert c["stain_norm"] == "colour"  # trained on stain-normalised patches, and predicts on them
     assert "cnn: small_cnn" in repr(model) and "112 µm patches at 32 px" in repr(model)
 
 
@@ -84,7 +85,10 @@ def test_tta_changes_predictions_and_save_load_is_exact(base, model, tmp_path):
     a = hs.tl.predict(base, model, spots=np.arange(10), inplace=False)
     b = hs.tl.predict(base, loaded, spots=np.arange(10), inplace=False)
     np.testing.assert_array_equal(a.X, b.X)
-    np.testing.assert_allclose(a.X, with_tta[:10], rtol=1e-6)  # other batches: rounding differs
+    # hs.tl.predict cuts the patches and maps them onto the reference stain first, as training did
+    assert set(patches.region) == {"section0_spots"}
+    normalised = hs.pp.normalize_stain(patches.images, hs.pp.estimate_stain(base, "section0_image"), amount=False)
+    np.testing.assert_allclose(a.X, model.predict_patches(normalised[:10]), rtol=1e-6)  # other batches: rounding
 
 
 def test_predict_on_an_image_only_table_adds_a_table(base, model):
@@ -100,7 +104,9 @@ def test_predict_on_an_image_only_table_adds_a_table(base, model):
     assert new.uns["expr"]["method"] == "cnn" and not new.uns["expr"]["tta"]
     assert get_table_keys(new)[0] == "section2_spots"
     patches = hs.pp.extract_patches(base, patch_size_um=112, patch_px=32, spots=spots, progress=False)
-    np.testing.assert_array_equal(new.X, model.predict_patches(patches.images, tta=False))
+    images = hs.pp.normalize_stain(patches.images, hs.pp.estimate_stain(base, "section2_image"), amount=False)
+    np.testing.assert_array_equal(new.X, model.predict_patches(images, tta=False))
+    assert new.uns["expr"]["stain_norm"] == "colour"
 
 
 def test_training_is_deterministic_and_leaves_the_global_random_state(base, genes):

@@ -556,6 +556,7 @@ def embed(
     device: Any = "cpu",
     key_added: str | None = None,
     random_state: int | None = 0,
+    stain_norm: str | bool = "colour",
     progress: bool = True,
     inplace: bool = True,
 ) -> np.ndarray | None:
@@ -590,10 +591,18 @@ def embed(
       elsewhere (see :mod:`histoseq.tl._position`), so it is not part of :func:`histoseq.tl.fit`'s default
       embedding. ``patch_size_um``, ``patch_px``, ``weights`` and ``device`` do not apply.
 
-    Stain differences between slides change every encoder's features; normalise the stains first where they
-    vary (e.g. ``squidpy.experimental.im.normalize_stains``). To run a built-in network in float32 whatever the
-    hardware, pass the module itself: ``encoder=get_encoder("resnet18", weights=...)[1]`` (a module you pass
-    runs as given, and keeps its device and train/eval mode after the call).
+    Stain and scanner differences between slides change every encoder's features, so by default
+    (``stain_norm="colour"``) every encoder sees stain-normalised patches: each image's stain is estimated once,
+    from the tissue of the whole image (Macenko's stain vectors and concentration percentiles,
+    :func:`histoseq.pp.estimate_stain`; never from the spots of the table, so a spot's embedding does not
+    depend on which other spots are embedded), and every patch of that image is mapped onto the colours of a
+    reference H&E stain (:func:`histoseq.pp.normalize_stain`), keeping how much of each stain there is.
+    ``stain_norm="amount"`` also rescales each stain's amount to the reference's; it undoes a slide stained
+    more or less strongly, but it reads the strength from the tissue, so a slide with more tumour (more
+    haematoxylin) is wrongly toned down: use it for slides of alike tissue. Images that are not RGB (a nuclear
+    stain) are embedded as they are. To run a built-in network in float32 whatever the hardware, pass the module
+    itself: ``encoder=get_encoder("resnet18", weights=...)[1]`` (a module you pass runs as given, and keeps its
+    device and train/eval mode after the call).
 
     Parameters
     ----------
@@ -627,6 +636,10 @@ def embed(
         (a module's class name, lowercased).
     random_state
         Seed of the random initialisation of networks without ``weights``.
+    stain_norm
+        ``"colour"`` (default; ``True``), ``"amount"`` or ``False``: map the stain of every patch onto a
+        reference H&E, from a Macenko estimate of each image's stain made once on its whole tissue (see
+        above); ``False`` gives the encoder the pixels as scanned.
     progress
         Show a progress bar.
     inplace
@@ -640,7 +653,8 @@ def embed(
     - ``table.uns[name]["params"]``: ``encoder``, ``kind``, ``patch_size_um``, ``patch_px``, ``um_per_px``,
       ``dims``, ``key_added``, ``random_state``, the ``feature_names`` (morphology) and its thresholds, the
       ``weights`` path and ``weights_sha256`` when given;
-    - ``table.uns[name]["images"]`` (level read and pixel size per image), ``["n_spots"]``, ``["precision"]``.
+    - ``table.uns[name]["images"]`` (level read and pixel size per image, and with ``stain_norm`` the image's
+      stain estimate under ``"stain"``), ``["n_spots"]``, ``["precision"]``; ``params`` records ``stain_norm``.
 
     With ``inplace=False``, the ``(n_obs, D)`` array.
 
@@ -657,6 +671,7 @@ def embed(
     from tqdm.auto import tqdm
 
     from ..pp import iter_patches
+    from ..pp._stain import estimate_stains, normalize_stain, stain_norm_mode
 
     # validate everything before any work or write
     _check_args(patch_size_um, patch_px, batch_size, key_added)
@@ -688,6 +703,9 @@ def embed(
         " + ".join(f"{v:g}" for v in sizes),
         patch_px,
     )
+    stain_mode = stain_norm_mode(stain_norm)
+    stains = estimate_stains(sdata, [r.image.key for r in regions]) if stain_mode else {}
+    image_of = {r.shapes_key: r.image.key for r in regions}
     parts: list[np.ndarray] = []
     done = np.zeros(table.n_obs, dtype=bool)
     patch_params: dict[str, Any] = {}
@@ -710,10 +728,11 @@ def embed(
             )
             for batch in batches:
                 patch_params = batch.params
-                if runner is None:
-                    feats = res.model(batch.images, float(batch.params["um_per_px"]))
-                else:
-                    feats = runner(batch.images)
+                images = batch.images
+                stain = stains.get(image_of.get(batch.region[0])) if len(batch) else None
+                if stain is not None:
+                    images = normalize_stain(images, stain, amount=stain_mode == "amount")
+                feats = res.model(images, float(batch.params["um_per_px"])) if runner is None else runner(images)
                 feats = np.asarray(feats, dtype=np.float32)
                 if out is None:
                     if feats.ndim != 2 or feats.shape[1] < 1:
@@ -745,6 +764,7 @@ def embed(
         "um_per_px": sizes[0] / int(patch_px) if len(sizes) == 1 else [v / int(patch_px) for v in sizes],
         "dims": int(out.shape[1]),
         "key_added": name,
+        "stain_norm": stain_mode or False,
     }
     if res.seeded and random_state is not None:  # unseeded random weights cannot be recreated: nothing to record
         params["random_state"] = int(random_state)
@@ -759,9 +779,13 @@ def embed(
         params["weights_sha256"] = res.weights["sha256"]
         params["weights_format"] = res.weights["format"]
     params.update({k: v for k, v in res.info.items() if v is not None and v != ""})
+    images_read = {k: dict(v) for k, v in patch_params.get("images", {}).items()}
+    for key, estimate in stains.items():
+        if key in images_read and estimate is not None:
+            images_read[key]["stain"] = estimate
     entry = {
         "params": params,
-        "images": patch_params.get("images", {}),
+        "images": images_read,
         "n_spots": int(done.sum()),
         "precision": runner.precision if runner is not None else "float32",
     }

@@ -145,11 +145,13 @@ def fit(
       device) without touching the global random state.
     - ``"cnn"``: end-to-end training of an image encoder and a head on the patches (as ST-Net and
       HistoSPACE do). The ``patch_size_um`` µm patch around each training spot is cut once at ``patch_px``
-      pixels (default 112 µm at 64 px: quick on CPUs) and kept as uint8 in memory (12 kB per spot at
-      64 px). The encoder (``encoder="small_cnn"`` by default, or ``"resnet18"``, any network of
-      :func:`histoseq.tl.list_encoders` or ``"timm:<name>"``) is random-initialised, or loaded from the
-      local state dict ``weights=`` (e.g. written by :func:`histoseq.tl.pretrain_encoder`); an
-      :class:`~histoseq.models._heads.MLPHead` (``n_hidden``, ``n_layers``, ``dropout``) follows. It is
+      pixels (default 112 µm at 64 px: quick on CPUs), stain-normalised as :func:`histoseq.tl.embed` does
+      (``stain_norm="colour"``; the setting is stored in the model and applied at prediction), and kept as uint8
+      in memory (12 kB per spot at 64 px). The encoder (``encoder="small_cnn"`` by default, or
+      ``"resnet18"``, any network of :func:`histoseq.tl.list_encoders` or ``"timm:<name>"``) is
+      random-initialised, or loaded from the local state dict ``weights=`` (e.g. written by
+      :func:`histoseq.tl.pretrain_encoder`); an :class:`~histoseq.models._heads.MLPHead` (``n_hidden``,
+      ``n_layers``, ``dropout``) follows. It is
       trained like the MLP (standardised targets, MSE, AdamW with ``lr``, ``encoder_lr`` for the encoder,
       ``weight_decay``, ``batch_size``; early stopping as above, default ``patience=10``, ``max_epochs``
       100), with each training patch turned and flipped at random (``flips=True``: tissue has no
@@ -224,7 +226,7 @@ def fit(
         ``relevance_power``, ``part_weights`` (kernel); ``alphas``, ``alpha``, ``alpha_scoring``, ``n_splits``
         (kernel and ridge); ``n_components`` (ridge, ``ridge_hest``); ``n_hidden``, ``n_layers``, ``dropout``
         (MLP, cnn); ``encoder``, ``weights``, ``patch_size_um``, ``patch_px``, ``encoder_lr``, ``flips``,
-        ``stain_jitter``, ``tta`` (cnn); ``n_proj``, ``dropout``, ``temperature``, ``k``, ``weighting``
+        ``stain_jitter``, ``stain_norm``, ``tta`` (cnn); ``n_proj``, ``dropout``, ``temperature``, ``k``, ``weighting``
         (contrastive); and ``lr``, ``weight_decay``, ``batch_size``, ``patience``, ``val_groups``,
         ``val_fraction``, ``trainer_kwargs`` (all networks).
 
@@ -280,7 +282,7 @@ def fit(
             is_list,
             genes=genes,
             embedding=embedding if reads_embedding else None,
-            patches=None if reads_embedding else impl.patch_geometry(method_kwargs),
+            patches=None if reads_embedding else impl.patch_options(method_kwargs),
             section_norm=norm if reads_embedding else None,
             train=train,
             table_key=table_key,

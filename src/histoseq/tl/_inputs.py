@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .._sdata import get_table, store_element
+from ..pp._stain import stain_norm_mode
 from ._data import embedding_matrix, embedding_name, embedding_params, embedding_parts, missing_embedding_error
 from ._embed import embed, list_encoders
 
@@ -188,6 +189,8 @@ def ensure_prediction_part(sdata: SpatialData, tkey: str, key: str, params: Mapp
     accepted = inspect.signature(embed).parameters
     skip = {"sdata", "table_key", "inplace", "spots", "image_key", "shapes_key", "progress"}
     kwargs = {k: v for k, v in params.items() if k in accepted and k not in skip}
+    # an embedding recorded before stains were normalised read the pixels as scanned
+    kwargs.setdefault("stain_norm", False)
     logger.info("Table %r has no `obsm[%r]`: computing it with hs.tl.embed(encoder=%r).", tkey, key, params["encoder"])
     embed(sdata, table_key=tkey, **kwargs)
     if key not in sdata.tables[tkey].obsm:
@@ -201,13 +204,17 @@ def spot_patches(
     *,
     patch_size_um: float,
     patch_px: int,
+    stain_norm: str | bool = False,
     progress: bool,
 ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """Patches of the table rows ``rows`` (positions, any order), cut once into uint8 memory.
 
     Returns ``(images, found, params)``: ``images`` is ``(len(rows), patch_px, patch_px, 3)`` uint8, ``found``
     flags the rows that have a patch (spots whose centre lies outside their image have none: zeros) and
-    ``params`` is :attr:`histoseq.pp.Patches.params`.
+    ``params`` is :attr:`histoseq.pp.Patches.params`. With ``stain_norm`` (``"colour"`` or ``"amount"``, as
+    in :func:`histoseq.tl.embed`), each image's patches are mapped onto the reference stain
+    (:func:`histoseq.pp.normalize_stain`, from the image's whole-tissue estimate, recorded in
+    ``params["images"][image]["stain"]``).
     """
     import warnings
 
@@ -230,6 +237,10 @@ def spot_patches(
         )
     for w in caught:
         logger.warning("%s", w.message)
+    params = dict(patches.params)
+    mode = stain_norm_mode(stain_norm)
+    if mode and len(patches):
+        _normalise_stains(sdata, table_key, unique, patches, params, amount=mode == "amount")
     pos = np.searchsorted(unique, patches.rows)
     if not (pos < len(unique)).all() or not (unique[np.minimum(pos, len(unique) - 1)] == patches.rows).all():
         raise RuntimeError("extract_patches returned spots that were not asked for.")  # pragma: no cover
@@ -239,12 +250,39 @@ def spot_patches(
     found[pos] = True
     back = np.searchsorted(unique, rows)
     if len(unique) == len(rows) and (unique == rows).all():
-        return images, found, dict(patches.params)
-    return images[back], found[back], dict(patches.params)
+        return images, found, params
+    return images[back], found[back], params
+
+
+def _normalise_stains(
+    sdata: SpatialData, table_key: str, rows: np.ndarray, patches: Any, params: dict, *, amount: bool
+) -> None:
+    """Map each image's patches (in place) onto the reference stain and record each image's estimate."""
+    from .._sdata import resolve_regions
+    from ..pp._stain import estimate_stains, normalize_stain
+
+    image_of = {r.shapes_key: r.image.key for r in resolve_regions(sdata, table_key=table_key, spots=rows)}
+    stains = estimate_stains(sdata, list(image_of.values()))
+    images = {k: dict(v) for k, v in params.get("images", {}).items()}
+    for region in np.unique(patches.region):
+        key = image_of.get(region)
+        if stains.get(key) is None:
+            continue
+        sel = patches.region == region
+        patches.images[sel] = normalize_stain(patches.images[sel], stains[key], amount=amount)
+        images.setdefault(key, {})["stain"] = stains[key]
+    params["images"] = images
 
 
 def training_patches(
-    objects: list[Any], table_key: str | None, mask: np.ndarray, *, size_um: float, px: int, progress: bool
+    objects: list[Any],
+    table_key: str | None,
+    mask: np.ndarray,
+    *,
+    patch_size_um: float,
+    patch_px: int,
+    stain_norm: str | bool,
+    progress: bool,
 ) -> tuple[np.ndarray, dict[str, Any], np.ndarray]:
     """Patches of the training spots of the (concatenated) tables; spots without a patch leave the mask."""
     mask = mask.copy()
@@ -254,7 +292,15 @@ def training_patches(
         tkey, table = get_table(obj, table_key)
         local = np.flatnonzero(mask[offset : offset + table.n_obs])
         if len(local):
-            imgs, found, p = spot_patches(obj, tkey, local, patch_size_um=size_um, patch_px=px, progress=progress)
+            imgs, found, p = spot_patches(
+                obj,
+                tkey,
+                local,
+                patch_size_um=patch_size_um,
+                patch_px=patch_px,
+                stain_norm=stain_norm,
+                progress=progress,
+            )
             params = {**p, "images": {**params.get("images", {}), **p.get("images", {})}}
             if not found.all():
                 logger.warning(

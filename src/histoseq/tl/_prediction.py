@@ -64,7 +64,13 @@ def predict_table(
     if model.uses_images:
         c = model.config
         images, found, _ = spot_patches(
-            sdata, tkey, rows, patch_size_um=c["patch_size_um"], patch_px=c["patch_px"], progress=False
+            sdata,
+            tkey,
+            rows,
+            patch_size_um=c["patch_size_um"],
+            patch_px=c["patch_px"],
+            stain_norm=c.get("stain_norm", False),  # models saved before stain normalisation: as scanned
+            progress=False,
         )
         pred = np.full((len(rows), len(model.genes)), np.nan, dtype=np.float32)
         pred[found] = model.predict_patches(images[found], tta=tta, device=device)

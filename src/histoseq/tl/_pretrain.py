@@ -47,6 +47,7 @@ from .._utils import training_seed
 from ..models._augment import Augment
 from ..models._pretrain import PretrainPlan, SimCLRProjection, TileDecoder
 from ..models._training import quiet_loggers, train_plan
+from ..pp._stain import estimate_stains, normalize_stain, stain_norm_mode
 
 if TYPE_CHECKING:
     from spatialdata import SpatialData
@@ -274,6 +275,7 @@ def sample_tiles(
     patch_px: int,
     tissue: bool = True,
     min_tissue_fraction: float = 0.5,
+    stain_norm: str | bool = False,
     rng: np.random.Generator,
     progress: bool = False,
 ) -> tuple[np.ndarray, pd.DataFrame]:
@@ -324,6 +326,11 @@ def sample_tiles(
         xy[:, 0] = np.clip(xy[:, 0], 0, np.nextafter(w, 0))
         xy[:, 1] = np.clip(xy[:, 1], 0, np.nextafter(h, 0))
         tiles[sel] = _read_tiles(datasets[i], key, xy, sizes[j], patch_size_um, patch_px, progress)
+        mode = stain_norm_mode(stain_norm)
+        if mode:  # as hs.tl.embed will show the encoder its patches
+            stain = estimate_stains(datasets[i], [key])[key]
+            if stain is not None:
+                tiles[sel] = normalize_stain(tiles[sel], stain, amount=mode == "amount")
         rows.append(
             pd.DataFrame(
                 {
@@ -406,6 +413,7 @@ def pretrain_encoder(
     n_tiles: int = 2000,
     tissue: bool = True,
     min_tissue_fraction: float = 0.5,
+    stain_norm: str | bool = "colour",
     max_epochs: int = 20,
     batch_size: int = 64,
     lr: float = 1e-3,
@@ -479,6 +487,9 @@ def pretrain_encoder(
         Draw from detected tissue only; ``False`` uses the whole images.
     min_tissue_fraction
         Fraction of tissue a grid cell's tile must hold.
+    stain_norm
+        Map the tiles of each image onto the reference stain, as :func:`histoseq.tl.embed` does with the
+        patches it gives the encoder (``"colour"``, ``"amount"`` or ``False``, as there).
     max_epochs
         Passes over the tiles.
     batch_size
@@ -554,6 +565,7 @@ def pretrain_encoder(
     ):
         if not (isinstance(value, int | float) and np.isfinite(value) and (value >= 0 if low_ok else value > 0)):
             raise ValueError(f"`{name}` must be a {'non-negative' if low_ok else 'positive'} number, got {value!r}.")
+    stain_norm_mode(stain_norm)  # checked before any work
     if not 0 <= min_tissue_fraction <= 1:
         raise ValueError(f"`min_tissue_fraction` must lie in [0, 1], got {min_tissue_fraction!r}.")
     if augment is not None and not isinstance(augment, Augment):
@@ -590,6 +602,7 @@ def pretrain_encoder(
             patch_px=patch_px,
             tissue=tissue,
             min_tissue_fraction=min_tissue_fraction,
+            stain_norm=stain_norm,
             rng=rng,
             progress=progress,
         )
@@ -647,6 +660,7 @@ def pretrain_encoder(
         "tiles_per_image": {f"{d}:{k}" if len(datasets) > 1 else k: int(n) for (d, k), n in per_image.items()},
         "tissue": bool(tissue),
         "min_tissue_fraction": float(min_tissue_fraction),
+        "stain_norm": stain_norm_mode(stain_norm) or False,
         "max_epochs": max_epochs,
         "epochs_run": len(plan.history),
         "batch_size": batch,

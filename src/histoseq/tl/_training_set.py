@@ -10,7 +10,7 @@ the training spots only.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -122,7 +122,7 @@ def training_set(
     *,
     genes: int | Sequence[str],
     embedding: str | None,
-    patches: tuple[float, int] | None,
+    patches: Mapping[str, Any] | None,
     section_norm: str | None,
     train: Any,
     table_key: str | None,
@@ -136,8 +136,8 @@ def training_set(
 ) -> tuple[TrainingSet, ad.AnnData, str]:
     """The training set of a fit, the table it comes from (several are concatenated) and a name for it.
 
-    ``embedding`` (an ``obsm`` key) or ``patches`` (``(patch_size_um, patch_px)``) says what the method
-    reads. The embedding is normalised within each section with ``section_norm`` before the training rows
+    ``embedding`` (an ``obsm`` key) or ``patches`` (``patch_size_um``, ``patch_px``, ``stain_norm``) says what
+    the method reads. The embedding is normalised within each section with ``section_norm`` before the training rows
     are taken; training spots without a finite embedding or a patch are left out, with a warning.
     """
     import anndata as ad
@@ -170,10 +170,7 @@ def training_set(
         if section_norm:
             X_all = SECTION_NORMS[section_norm](X_all, section_labels(table, groups))
     elif patches is not None:
-        size_um, px = patches
-        images, patch_params, mask = training_patches(
-            objects, table_key, mask, size_um=size_um, px=px, progress=progress
-        )
+        images, patch_params, mask = training_patches(objects, table_key, mask, progress=progress, **patches)
     rows = np.flatnonzero(mask)
     gene_list = resolve_genes(table, genes, mask, min_spot_fraction=min_spot_fraction, flavor=hvg_flavor)
     cols = table.var_names.get_indexer(gene_list)

@@ -88,8 +88,8 @@ class ExpressionMethod:
         if unknown:
             raise TypeError(f"Unknown option(s) {unknown} for method {self.name!r}; it takes {sorted(self.options)}.")
 
-    def patch_geometry(self, options: Mapping[str, Any]) -> tuple[float, int]:
-        """``(patch_size_um, patch_px)`` of the patches a method that reads patches is trained on."""
+    def patch_options(self, options: Mapping[str, Any]) -> dict[str, Any]:
+        """``patch_size_um``, ``patch_px`` and ``stain_norm`` of the patches a method that reads patches trains on."""
         raise TypeError(f"Method {self.name!r} reads {self.reads}, not patches.")
 
     def fit(self, data: TrainingSet, **options: Any) -> Fitted:

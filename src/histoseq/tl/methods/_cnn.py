@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..._utils import seeded, unpack_state
+from ...pp._stain import stain_norm_mode
 from .._embed import _ALIASES, _TIMM_PREFIX, ENCODERS, _resolve
 from .._network_fit import NETWORK_OPTIONS, NetworkOptions, fit_network
 from ._base import ExpressionMethod, Fitted
@@ -157,6 +158,7 @@ class CNN(ExpressionMethod):
             "n_layers",
             "dropout",
             "encoder_lr",
+            "stain_norm",
             "flips",
             "stain_jitter",
             "tta",
@@ -170,11 +172,13 @@ class CNN(ExpressionMethod):
         super().check_options(options)
         check_options(**options)
 
-    def patch_geometry(self, options: Mapping[str, Any]) -> tuple[float, int]:
-        """The patch size in µm and pixels that the options ask for."""
-        return float(options.get("patch_size_um", DEFAULT_PATCH_SIZE_UM)), int(
-            options.get("patch_px", DEFAULT_PATCH_PX)
-        )
+    def patch_options(self, options: Mapping[str, Any]) -> dict[str, Any]:
+        """The patch size in µm and pixels, and the stain normalisation, that the options ask for."""
+        return {
+            "patch_size_um": float(options.get("patch_size_um", DEFAULT_PATCH_SIZE_UM)),
+            "patch_px": int(options.get("patch_px", DEFAULT_PATCH_PX)),
+            "stain_norm": stain_norm_mode(options.get("stain_norm", "colour")) or False,
+        }
 
     def fit(
         self,
@@ -188,6 +192,7 @@ class CNN(ExpressionMethod):
         n_layers: int = 1,
         dropout: float = 0.1,
         encoder_lr: float | None = None,
+        stain_norm: str | bool = "colour",
         flips: bool = True,
         stain_jitter: float = 0.0,
         tta: bool = True,
@@ -259,6 +264,7 @@ class CNN(ExpressionMethod):
             **opts.record(),
             "encoder_lr": None if encoder_lr is None else float(encoder_lr),
             "max_epochs": run.epochs,
+            "stain_norm": stain_norm_mode(stain_norm) or False,
             "flips": bool(flips),
             "stain_jitter": float(stain_jitter),
             "tta": bool(tta),
@@ -315,6 +321,7 @@ class CNN(ExpressionMethod):
             "encoder": c["encoder"],
             "patch_size_um": c["patch_size_um"],
             "patch_px": c["patch_px"],
+            "stain_norm": c.get("stain_norm", False),
             "tta": self.use_tta(fitted, tta),
         }
 
