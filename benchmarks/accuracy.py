@@ -21,7 +21,9 @@ Suffixes change one default (ablations): ``:rank`` and ``:standardise`` normalis
 section (``section_norm="rank"`` / ``"standardise"``; the default reads it as it is), ``:raw-targets``
 (``target_neighbors=1``: the kernel trains on the raw targets, never on targets averaged over expression
 neighbours), ``:equal-weights`` (``relevance_power=0``: every dimension weighs the same within its part) and
-``:rbf`` (``kernel="rbf"``). The HEST rows never normalise by section.
+``:rbf`` (``kernel="rbf"``). An encoder name ending in ``_raw`` embeds the patches as scanned
+(``embed(stain_norm=False)``; every other encoder sees stain-normalised patches, the default). The HEST rows
+never normalise by section.
 
 **An honest protocol for choosing defaults.** The datasets are split in two (:data:`SPLITS`):
 
@@ -64,6 +66,8 @@ SPLITS = {"development": ("her2st",), "confirmation": ("mob",)}
 GENE_SETS = {"hvg": "seurat", "top": "mean"}
 #: the embedding ``hs.tl.fit`` reads without ``embedding=``
 DEFAULT_ENCODER = "morphology_context"
+#: suffix of a frozen encoder that reads the patches as scanned (``embed(stain_norm=False)``)
+RAW = "_raw"
 #: what ``hs.tl.fit`` does without ``method=`` and ``embedding=``
 DEFAULT_ROW = f"kernel:{DEFAULT_ENCODER}"
 #: row suffixes (ablations of one default of ``hs.tl.fit``) and the options they pass
@@ -82,6 +86,7 @@ DEFAULT_ROWS = (
     f"{DEFAULT_ROW}:raw-targets",
     f"{DEFAULT_ROW}:equal-weights",
     f"{DEFAULT_ROW}:rbf",
+    f"kernel:{DEFAULT_ENCODER}{RAW}",
     "kernel:morphology_context+tissue_position",
     "kernel:morphology_context+tissue_position:rank",
     "kernel:tissue_position",
@@ -136,6 +141,8 @@ PRETRAINED = {"autoencoder", "simclr"}
 
 
 def _frozen(key: str) -> dict:
+    if key.endswith(RAW):  # the same encoder on the pixels as scanned (no stain normalisation)
+        return {**_frozen(key[: -len(RAW)]), "stain_norm": False}
     if FROZEN[key] is None:  # a preset of hs.tl.fit
         from histoseq.tl._inputs import EMBEDDING_PRESETS
 

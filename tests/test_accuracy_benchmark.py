@@ -25,6 +25,7 @@ def bench():
         sys.modules.pop(spec.name, None)
 
 
+@pytest.mark.slow
 def test_mob_one_fold_every_kind_of_row(bench, mob_dir, tmp_path, monkeypatch):
     settings = replace(bench.QUICK, max_spots=90, cnn_epochs=2, pretrain_tiles=64, pretrain_epochs=1, mlp_epochs=10)
     rows = [bench.DEFAULT_ROW, "ridge:morphology:rank", "ridge_hest:morphology", "contrastive:morphology"]

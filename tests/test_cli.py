@@ -3,6 +3,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 import histoseq as hs
 from histoseq._cli import main
 
@@ -15,6 +17,7 @@ def test_demo_help_documents_the_demo():
     assert "--patch-size-um" in out
 
 
+@pytest.mark.slow
 def test_demo_runs_end_to_end(tmp_path, capsys):
     import spatialdata as sd
 
