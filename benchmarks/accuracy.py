@@ -22,8 +22,9 @@ section (``section_norm="rank"`` / ``"standardise"``; the default reads it as it
 (``target_neighbors=1``: the kernel trains on the raw targets, never on targets averaged over expression
 neighbours), ``:equal-weights`` (``relevance_power=0``: every dimension weighs the same within its part) and
 ``:rbf`` (``kernel="rbf"``). An encoder name ending in ``_raw`` embeds the patches as scanned
-(``embed(stain_norm=False)``; every other encoder sees stain-normalised patches, the default). The HEST rows
-never normalise by section.
+(``embed(stain_norm=False)``), one ending in ``_amount`` normalises each stain's amount as well as its colour
+(``stain_norm="amount"``); every other encoder sees patches whose stain colours are normalised (the
+default). The HEST rows never normalise by section.
 
 **An honest protocol for choosing defaults.** The datasets are split in two (:data:`SPLITS`):
 
@@ -68,6 +69,8 @@ GENE_SETS = {"hvg": "seurat", "top": "mean"}
 DEFAULT_ENCODER = "morphology_context"
 #: suffix of a frozen encoder that reads the patches as scanned (``embed(stain_norm=False)``)
 RAW = "_raw"
+#: suffix of a frozen encoder whose patches get each stain's amount normalised too (``stain_norm="amount"``)
+AMOUNT = "_amount"
 #: what ``hs.tl.fit`` does without ``method=`` and ``embedding=``
 DEFAULT_ROW = f"kernel:{DEFAULT_ENCODER}"
 #: row suffixes (ablations of one default of ``hs.tl.fit``) and the options they pass
@@ -87,6 +90,7 @@ DEFAULT_ROWS = (
     f"{DEFAULT_ROW}:equal-weights",
     f"{DEFAULT_ROW}:rbf",
     f"kernel:{DEFAULT_ENCODER}{RAW}",
+    f"kernel:{DEFAULT_ENCODER}{AMOUNT}",
     "kernel:morphology_context+tissue_position",
     "kernel:morphology_context+tissue_position:rank",
     "kernel:tissue_position",
@@ -143,6 +147,8 @@ PRETRAINED = {"autoencoder", "simclr"}
 def _frozen(key: str) -> dict:
     if key.endswith(RAW):  # the same encoder on the pixels as scanned (no stain normalisation)
         return {**_frozen(key[: -len(RAW)]), "stain_norm": False}
+    if key.endswith(AMOUNT):  # the same encoder with the amount of each stain normalised too
+        return {**_frozen(key[: -len(AMOUNT)]), "stain_norm": "amount"}
     if FROZEN[key] is None:  # a preset of hs.tl.fit
         from histoseq.tl._inputs import EMBEDDING_PRESETS
 
