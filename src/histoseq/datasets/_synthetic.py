@@ -61,11 +61,7 @@ def _build_section_small(ss, i, n_donors, size_px, p, spot_diameter_um, spot_pit
     rng_img = np.random.default_rng(ss_img)
     size_um = size_px * p
     tissue = _tissue_grid(rng_img, size_um, size_um)
-    stain_scale = tuple(rng_img.uniform(0.88, 1.12, 2))
-    options = {}
-    if shift is not None:
-        strength, options = shift.render_options()
-        stain_scale = (stain_scale[0] * strength[0], stain_scale[1] * strength[1])
+    stain_scale, options = _stain_and_options(rng_img, shift)
     rendered = _render(rng_img, size_px, size_px, p, tissue, stain_scale, **options)
     xy_px, fields = _spots_and_fields(
         np.random.default_rng(ss_spatial), size_um, size_um, p, spot_diameter_um, spot_pitch_um, genes.n_fields
@@ -80,6 +76,15 @@ def _build_section_small(ss, i, n_donors, size_px, p, spot_diameter_um, spot_pit
     return _apply_shift(section, shift, rendered.tumour_area_fraction)
 
 
+def _stain_and_options(rng_img: np.random.Generator, shift: _Shift | None) -> tuple[tuple[float, float], dict]:
+    """The section's stain strengths (drawn, then shifted) and the rendering options of its shift."""
+    stain_scale = tuple(rng_img.uniform(0.88, 1.12, 2))
+    if shift is None:
+        return stain_scale, {}
+    strength, options = shift.render_options()
+    return (stain_scale[0] * strength[0], stain_scale[1] * strength[1]), options
+
+
 def _apply_shift(section: _Section, shift: _Shift | None, tumour_area_fraction: float) -> _Section:
     section.tumour_area_fraction = tumour_area_fraction
     if shift is not None:
@@ -92,11 +97,7 @@ def _build_section_large(ss, i, n_donors, size_px, p, spot_diameter_um, spot_pit
     rng_img = np.random.default_rng(ss_img)
     size_um = size_px * p
     tissue = _tissue_grid(rng_img, size_um, size_um)
-    stain_scale = tuple(rng_img.uniform(0.88, 1.12, 2))
-    options = {}
-    if shift is not None:
-        strength, options = shift.render_options()
-        stain_scale = (stain_scale[0] * strength[0], stain_scale[1] * strength[1])
+    stain_scale, options = _stain_and_options(rng_img, shift)
     bank = _TileBank(ss_img.spawn(1)[0], size_px, size_px, p, tissue, stain_scale, **options)
     xy_px, fields = _spots_and_fields(
         np.random.default_rng(ss_spatial), size_um, size_um, p, spot_diameter_um, spot_pitch_um, genes.n_fields
