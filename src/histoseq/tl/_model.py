@@ -169,9 +169,10 @@ class ExpressionModel:
     ) -> np.ndarray:
         """Predictions ``(n_spots, n_genes)`` (float32) for an embedding matrix; NaN rows stay NaN.
 
-        A model fitted with ``section_norm`` (``"rank"`` by default in :func:`fit`) first normalises each
-        embedding dimension within each section (:func:`~histoseq.tl._sections.rank_sections`), so
-        ``X`` should hold whole sections: all spots of one section when ``sections`` is ``None``.
+        Each row is predicted from itself alone, unless the model was fitted with a ``section_norm``
+        (``"rank"`` or ``"standardise"``; off by default in :func:`fit`): then each embedding dimension is
+        first normalised within each section (:func:`~histoseq.tl._sections.rank_sections`), so ``X`` should
+        hold whole sections: all spots of one section when ``sections`` is ``None``.
 
         Parameters
         ----------
