@@ -243,10 +243,26 @@ def _shape_centers(shapes: Any) -> tuple[np.ndarray, np.ndarray | None]:
     return xy.astype(float), radius
 
 
+def is_map(image: Any) -> bool:
+    """Whether an image element is a map of values (float: attention, expected expression), not a scan.
+
+    Scans are stored as integers (uint8 H&E, uint16 fluorescence); the dense maps that histoseq and the
+    synthetic ground truth write are float. Maps are never taken for the image of a section.
+    """
+    return np.dtype(image_levels(image)[0].dtype).kind == "f"
+
+
+def scan_keys(sdata: SpatialData, keys: Iterable[str]) -> list[str]:
+    """``keys`` without the maps (:func:`is_map`), unless all of them are maps."""
+    keys = list(keys)
+    scans = [k for k in keys if not is_map(sdata.images[k])]
+    return scans or keys
+
+
 def candidate_images(sdata: SpatialData, element: Any) -> list[str]:
-    """Image elements that share a coordinate system with ``element``."""
+    """Image elements (scans before maps) that share a coordinate system with ``element``."""
     cs = set(transformations(element))
-    return [k for k, im in sdata.images.items() if cs & set(transformations(im))]
+    return scan_keys(sdata, [k for k, im in sdata.images.items() if cs & set(transformations(im))])
 
 
 def pick_image(sdata: SpatialData, element: Any, image_key: str | None, what: str) -> str:
@@ -342,7 +358,10 @@ def resolve_image_key(sdata: SpatialData, image_key: str | None) -> str:
     section at several resolutions: the finest is taken. Images of several sections need ``image_key``.
     """
     keys = list(sdata.images.keys())
-    if image_key is not None or len(keys) <= 1:
+    if image_key is not None:
+        return resolve_key(image_key, keys, "image", "image_key")
+    keys = scan_keys(sdata, keys)
+    if len(keys) <= 1:
         return resolve_key(image_key, keys, "image", "image_key")
     systems = [set(transformations(sdata.images[k])) for k in keys]
     if set.intersection(*systems):
