@@ -3,7 +3,9 @@
 Lays the Visium-like hexagonal spot grid over a section, counts the ``true_`` features of every spot from
 the rendered pixel classes and nuclei (:class:`_SpotFeatures`), keeps the in-tissue spots of a section
 (:class:`_Section`), and defines the genes and their driving factors (:func:`_make_genes`) and the
-negative-binomial counts drawn from the features (:func:`_counts`).
+negative-binomial counts drawn from the features: the drivers standardised over all spots
+(:class:`_Drivers`), the expected means (:func:`_expected_means`, shared with the ground-truth maps of
+:mod:`._truth`) and the draws (:func:`_counts`).
 """
 
 from __future__ import annotations
@@ -183,10 +185,38 @@ def _make_genes(rng: np.random.Generator, n_genes: int, n_donors: int) -> _Genes
     return _Genes(names, truth, effect, base_rate, donor_shift, field)
 
 
-def _standardise(v: np.ndarray) -> np.ndarray:
-    v = np.asarray(v, dtype=float)
-    sd = v.std()
-    return np.clip((v - v.mean()) / sd, -3, 3) if sd > 0 else np.zeros_like(v)
+@dataclass(frozen=True)
+class _Drivers:
+    """Standardisation of the morphology drivers: their mean and standard deviation over all spots.
+
+    A driver is a ``true_`` feature, for the lumen its square root (the lumen fraction is zero in many spots
+    and long-tailed in the others); its standardised value ``z`` is clipped to ±3.
+    """
+
+    mean: dict[str, float]
+    sd: dict[str, float]
+
+    @staticmethod
+    def values(features: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The raw driver of each morphology factor from ``true_`` feature columns."""
+        out = {f: np.asarray(features[col], dtype=float) for f, (col, _) in _MORPHOLOGY_FACTORS.items()}
+        out["lumen"] = np.asarray(np.sqrt(features["true_lumen_fraction"]), dtype=float)
+        return out
+
+    @classmethod
+    def fit(cls, sections: list[_Section]) -> _Drivers:
+        """Mean and standard deviation of every driver over the spots of all sections."""
+        feats = {k: np.concatenate([s.features[k] for s in sections]) for k in sections[0].features}
+        values = cls.values(feats)
+        return cls({f: v.mean() for f, v in values.items()}, {f: v.std() for f, v in values.items()})
+
+    def z(self, features: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Standardised drivers (clipped to ±3; zero for a driver that does not vary) of some spots."""
+        out = {}
+        for f, v in self.values(features).items():
+            sd = self.sd[f]
+            out[f] = np.clip((v - self.mean[f]) / sd, -3, 3) if sd > 0 else np.zeros_like(v)
+        return out
 
 
 @dataclass
@@ -200,6 +230,7 @@ class _Section:
     rng_counts: np.random.Generator
     library_size: float = 1.0  # multiplier of the expected counts (a slide-level shift)
     tumour_area_fraction: float = float("nan")  # share of the tissue area in tumour regions
+    truth: Any = None  # ground-truth maps of the section (a ``_truth._SectionTruth``), when asked for
 
 
 def _spots_and_fields(
@@ -229,29 +260,54 @@ def _finish_section(i, n_donors, image, xy_px, acc, fields, p, ss_counts) -> _Se
     )
 
 
-def _counts(sections: list[_Section], genes: _Genes, dispersion: float = 0.07) -> np.ndarray:
-    """Negative-binomial counts (spots × genes) from the standardised spot features (see :func:`_make_genes`)."""
-    feats = {k: np.concatenate([s.features[k] for s in sections]) for k in sections[0].features}
-    z = {f: _standardise(feats[col]) for f, (col, _) in _MORPHOLOGY_FACTORS.items()}
-    # the lumen fraction is zero in many spots and long-tailed in the others: its square root is more even
-    z["lumen"] = _standardise(np.sqrt(feats["true_lumen_fraction"]))
+def _drive(genes: _Genes, z: dict[str, np.ndarray], spatial: np.ndarray) -> np.ndarray:
+    """``(n, n_genes)`` driving factor of every gene from the standardised drivers and the spatial fields."""
+    drive = np.zeros((len(spatial), len(genes.names)))
+    for g, t in enumerate(genes.truth):
+        if t in z:
+            drive[:, g] = z[t]
+        elif t == "spatial":
+            drive[:, g] = spatial[:, genes.field[g]]
+    return drive
+
+
+def _expected_means(
+    genes: _Genes,
+    drive: np.ndarray,
+    donor: int,
+    library_size: float = 1.0,
+    size_factor: np.ndarray | None = None,
+) -> np.ndarray:
+    """Negative-binomial means ``(n, n_genes)``: ``size_factor * base_rate * 2 * sigmoid(2 * effect * z)``.
+
+    Times the donor's gene shift and the section's library size; ``size_factor=None`` is a size factor of 1.
+    """
+    shape = 2 / (1 + np.exp(-2 * drive * genes.effect))  # 2 * sigmoid: 1 at z = 0, pairs sum to 2
+    rate = genes.base_rate if size_factor is None else size_factor[:, None] * genes.base_rate
+    mu = rate * shape * np.exp(genes.donor_shift[donor])
+    if library_size != 1.0:
+        mu *= library_size
+    return mu
+
+
+def _donor_index(section: _Section) -> int:
+    return int(section.donor_id.removeprefix("donor"))
+
+
+def _counts(
+    sections: list[_Section], genes: _Genes, drivers: _Drivers | None = None, dispersion: float = 0.07
+) -> np.ndarray:
+    """Negative-binomial counts (spots × genes) from the standardised spot features (see :func:`_make_genes`).
+
+    ``drivers`` (by default fitted to ``sections``) standardises the spot features.
+    """
+    drivers = _Drivers.fit(sections) if drivers is None else drivers
     out = []
-    start = 0
     for s in sections:
         n = len(s.xy_px)
-        donor = int(s.donor_id.removeprefix("donor"))
-        drive = np.zeros((n, len(genes.names)))
-        for g, t in enumerate(genes.truth):
-            if t in z:
-                drive[:, g] = z[t][start : start + n]
-            elif t == "spatial":
-                drive[:, g] = s.spatial[:, genes.field[g]]
+        drive = _drive(genes, drivers.z(s.features), s.spatial)
         size_factor = np.exp(s.rng_counts.normal(0.0, 0.3, n))
-        shape = 2 / (1 + np.exp(-2 * drive * genes.effect))  # 2 * sigmoid: 1 at z = 0, pairs sum to 2
-        mu = size_factor[:, None] * genes.base_rate * shape * np.exp(genes.donor_shift[donor])
-        if s.library_size != 1.0:
-            mu *= s.library_size
+        mu = _expected_means(genes, drive, _donor_index(s), s.library_size, size_factor)
         lam = s.rng_counts.gamma(1 / dispersion, mu * dispersion)
         out.append(s.rng_counts.poisson(lam))
-        start += n
     return np.concatenate(out) if out else np.zeros((0, len(genes.names)))

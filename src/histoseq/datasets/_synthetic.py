@@ -37,6 +37,7 @@ from ._spots import (
     _MORPHOLOGY_FACTORS,
     _TRUTH_CATEGORIES,
     _counts,
+    _Drivers,
     _finish_section,
     _make_genes,
     _Section,
@@ -44,6 +45,7 @@ from ._spots import (
     _spots_and_fields,
 )
 from ._tissue import CELL_TYPES, _lazy_image, _render, _TileBank, _tissue_grid
+from ._truth import _section_truth, _truth_elements
 
 if TYPE_CHECKING:
     from spatialdata import SpatialData
@@ -56,7 +58,9 @@ logger = logging.getLogger(__name__)
 # --------------------------------------------------------------------------------------------------
 
 
-def _build_section_small(ss, i, n_donors, size_px, p, spot_diameter_um, spot_pitch_um, genes, shift) -> _Section:
+def _build_section_small(
+    ss, i, n_donors, size_px, p, spot_diameter_um, spot_pitch_um, genes, shift, ground_truth_um=None
+) -> _Section:
     ss_img, ss_spatial, ss_counts = ss.spawn(3)
     rng_img = np.random.default_rng(ss_img)
     size_um = size_px * p
@@ -73,6 +77,8 @@ def _build_section_small(ss, i, n_donors, size_px, p, spot_diameter_um, spot_pit
     if shift is not None and shift.blur_um > 0:
         rgb = _blur_rgb(rgb, shift.blur_um / p)
     section = _finish_section(i, n_donors, rgb, xy_px, acc, fields, p, ss_counts)
+    if ground_truth_um is not None:
+        section.truth = _section_truth(rendered, fields, p, spot_diameter_um, ground_truth_um)
     return _apply_shift(section, shift, rendered.tumour_area_fraction)
 
 
@@ -178,6 +184,8 @@ def synthetic(
     tumour_fraction: float | Sequence[float | None] | None = None,
     library_size: float | Sequence[float | None] | None = None,
     blur_um: float | Sequence[float | None] | None = None,
+    ground_truth: bool = False,
+    ground_truth_um: float = 10.0,
 ) -> SpatialData:
     """Synthetic H&E sections with spot expression whose dependence on morphology is known.
 
@@ -286,6 +294,13 @@ def synthetic(
     blur_um
         Standard deviation in µm of a Gaussian blur of the section's RGB image (scanner focus; ``0``: no
         blur). The ``true_`` features and counts describe the tissue, not the scan, and do not change.
+    ground_truth
+        Add ground-truth maps of every section: the cell-type regions the tissue was drawn from (labels)
+        and the expected expression of every gene on a coarse raster (an image; see Returns). Only in
+        the default mode: with ``path`` this raises a :class:`ValueError`. The images, counts and
+        ``obs`` are the same with and without it.
+    ground_truth_um
+        Pixel size in µm of the expected-expression raster (with ``ground_truth``).
 
     Returns
     -------
@@ -320,7 +335,29 @@ def synthetic(
       tumour regions (in large mode the mean over the tiles placed on tissue). Without shifts these
       keys are absent.
 
-    ``sdata.attrs['histoseq']`` records ``technology='synthetic'`` and the pixel size of every image.
+    With ``ground_truth=True``, also for each section:
+
+    - labels ``f"{sample_id}_cell_types"``: ``(y, x)`` uint8 at the image's level-0 resolution, with its
+      pyramid and transformations: the cell-type region of every pixel, ``0`` glass (no tissue), ``1``
+      tumour, ``2`` stroma, ``3`` immune (1 + the index into ``uns['synthetic']['cell_types']``). The
+      nuclei of a region are mostly of its type; the cells lining glands and vessels may cross a border;
+    - image ``f"{sample_id}_expected"``: ``(c, y, x)`` float32 with ``c`` the gene names, on a raster of
+      ``ground_truth_um`` µm pixels: the expected count of every gene in a spot of ``spot_diameter_um``
+      centred at the raster pixel's centre: the negative-binomial mean with size factor 1 (the mean
+      size factor is ``exp(0.045)``), the donor shift and the library size, its ``true_`` features
+      counted exactly from the drawn tissue (a disk's pixels beyond the image count as glass) and
+      standardised with the mean and standard deviation over the real spots, as the counts are. It is
+      defined on glass too (a spot without tissue). Raster pixel ``i`` covers level-0 pixels
+      ``[i * s, (i + 1) * s)`` with ``s = ground_truth_um / pixel_size_um``: a scale by ``s`` to the
+      coordinate system ``sample_id`` and by ``ground_truth_um`` to ``f"{sample_id}_um"``. Its float
+      dtype marks it as a map, never taken for the section's image;
+
+    and ``uns['synthetic']['ground_truth']``: ``cell_types`` and ``expected`` (``sample_id`` → element
+    name), ``cell_type_codes`` (``{'glass': 0, 'tumour': 1, 'stroma': 2, 'immune': 3}``),
+    ``expected_um`` (``ground_truth_um``) and ``expected_definition`` (a sentence). Without
+    ``ground_truth`` none of these exist.
+
+    ``sdata.attrs['histoseq']`` records ``technology='synthetic'`` and the pixel size of every H&E image.
 
     Examples
     --------
@@ -344,6 +381,7 @@ def synthetic(
     _check_args(
         n_sections, n_donors, section_size_um, pixel_size_um, spot_diameter_um, spot_pitch_um, n_genes, image_chunks
     )
+    _check_ground_truth(ground_truth, ground_truth_um, path)
     shifts = _section_shifts(
         {
             "stain_strength": stain_strength,
@@ -385,10 +423,11 @@ def synthetic(
         shift = None if shifts is None else shifts[i]
         args = (section_ss[i], i, n_donors, size_px, pixel_size_um, spot_diameter_um, spot_pitch_um, genes, shift)
         if path is None:
-            sections.append(_build_section_small(*args))
+            sections.append(_build_section_small(*args, ground_truth_um=ground_truth_um if ground_truth else None))
         else:
             sections.append(_build_section_large(*args, image_chunks))
-    counts = _counts(sections, genes)
+    drivers = _Drivers.fit(sections)
+    counts = _counts(sections, genes, drivers)
     if shifts is not None:
         _record_shifts(params, shifts, sections)
 
@@ -443,15 +482,21 @@ def synthetic(
         },
         index=pd.Index(genes.names),
     )
+    uns = {"synthetic": {"params": params, "cell_types": list(CELL_TYPES)}}
+    labels, truth_images = {}, {}
+    if ground_truth:
+        labels, truth_images, uns["synthetic"]["ground_truth"] = _truth_elements(
+            sections, genes, drivers, float(ground_truth_um), scale_factors, int(image_chunks)
+        )
     adata = ad.AnnData(
         X=sparse.csr_matrix(counts.astype(np.float32)),
         obs=obs,
         var=var,
         obsm={"spatial": np.concatenate([s.xy_px for s in sections]).astype(float)},
-        uns={"synthetic": {"params": params, "cell_types": list(CELL_TYPES)}},
+        uns=uns,
     )
     table = TableModel.parse(adata, region=regions, region_key="region", instance_key="spot_id")
-    sdata = sd.SpatialData(images=images, shapes=shapes, tables={"table": table})
+    sdata = sd.SpatialData(images=images | truth_images, labels=labels, shapes=shapes, tables={"table": table})
     sdata.attrs["histoseq"] = {
         "technology": "synthetic",
         "pixel_size_um": {name: {"value": float(pixel_size_um), "method": "synthetic"} for name in images},
@@ -498,3 +543,15 @@ def _check_args(
         )
     if int(image_chunks) < 16:
         raise ValueError(f"`image_chunks` must be at least 16, got {image_chunks!r}.")
+
+
+def _check_ground_truth(ground_truth: bool, ground_truth_um: float, path: str | Path | None) -> None:
+    if not isinstance(ground_truth_um, (int, float, np.number)) or not np.isfinite(ground_truth_um):
+        raise ValueError(f"`ground_truth_um` must be a positive number, got {ground_truth_um!r}.")
+    if ground_truth_um <= 0:
+        raise ValueError(f"`ground_truth_um` must be a positive number, got {ground_truth_um!r}.")
+    if ground_truth and path is not None:
+        raise ValueError(
+            "Ground truth maps are drawn only without `path`: the large mode assembles its images lazily from "
+            "tiles and keeps no full-resolution maps. Drop `path` or `ground_truth=True`."
+        )

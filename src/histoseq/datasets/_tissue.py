@@ -224,6 +224,7 @@ class _Rendered:
     labels: np.ndarray  # (H, W) uint8, one of the _GLASS ... _CLEFT codes
     nuclei: dict[str, np.ndarray]  # "x", "y" (px, continuous), "area_um2", "type" (index into CELL_TYPES)
     tumour_area_fraction: float  # share of the tissue pixels in tumour regions (NaN without tissue)
+    cell_types: np.ndarray | None = None  # (H, W) uint8 cell-type regions: 0 glass, 1 + index into CELL_TYPES
 
 
 def _glass_noise(rng: np.random.Generator, shape: tuple[int, int]) -> np.ndarray:
@@ -457,7 +458,10 @@ def _render(
 
     area = np.pi * a_um * b_um
     nuclei = {"x": all_x, "y": all_y, "area_um2": area, "type": all_t.astype(np.int8)}
-    return _Rendered(rgb, labels, nuclei, float(tumour_area))
+    # the cell-type map: 0 on glass, 1 + the type's index on tissue (nuclei overhanging its border included)
+    ctype += 1
+    ctype[labels == _GLASS] = 0
+    return _Rendered(rgb, labels, nuclei, float(tumour_area), ctype)
 
 
 # --------------------------------------------------------------------------------------------------
