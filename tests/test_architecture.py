@@ -168,9 +168,10 @@ def test_registry_lists_the_methods_and_names_them_in_errors():
     assert list_methods()[:6] == ["kernel", "ridge", "ridge_hest", "mlp", "cnn", "contrastive"]
     assert hs.tl.methods.list_methods() == list_methods()
     assert list_methods(reads="patches") == ["cnn"]
+    assert list_methods(task="classification") == ["logistic"]
     for name in BUILTIN:
         method = get_method(name)
-        assert method.name == name and method.task == "regression"
+        assert method.name == name and method.task == ("classification" if name == "logistic" else "regression")
         assert method.options and method.arrays and method.description
     with pytest.raises(ValueError, match=r"Unknown `method` 'nope'; choose one of \['kernel', 'ridge'"):
         get_method("nope")

@@ -19,6 +19,14 @@ _TOOLS = {
     "select_genes": "._genes",
     "evaluate": "._evaluate",
     "cross_validate": "._evaluate",
+    "expression_classes": "._classes",
+    "dice": "._classes",
+    "fit_classifier": "._classifier",
+    "classify": "._classifier",
+    "ClassifierModel": "._classifier",
+    "load_classifier": "._classifier",
+    "attention_maps": "._attention",
+    "hotspots": "._attention",
 }
 __all__ = sorted([*_TOOLS, "methods"])
 

@@ -251,6 +251,11 @@ def fit(
     import anndata as ad
 
     impl = get_method(method)
+    if impl.task != "regression":
+        raise ValueError(
+            f"`method={method!r}` learns classes, not expression: use `hs.tl.fit_classifier(sdata, labels=..., "
+            f"method={method!r})`."
+        )
     if target_transform not in TARGET_TRANSFORMS:
         raise ValueError(f"Unknown `target_transform` {target_transform!r}; choose one of {list(TARGET_TRANSFORMS)}.")
     norm = section_norm_mode(section_norm)

@@ -1,4 +1,8 @@
-"""The file format of :class:`~histoseq.tl.ExpressionModel`: JSON text and tensors, never Python objects.
+"""The file format of histoseq's models: JSON text and tensors, never Python objects.
+
+:class:`~histoseq.tl.ExpressionModel` writes the format :data:`FORMAT` with the fields :data:`META_FIELDS`;
+another model (:class:`~histoseq.tl.ClassifierModel`) writes the same container under its own format name
+and fields (``write_model(..., format=...)``, ``read_model(..., format=..., fields=...)``).
 
 A model file is ``torch.save({"meta": <JSON text>, "tensors": {name: tensor}})``. It is read back with
 ``torch.load(path, weights_only=True)``, which refuses any pickled object, so loading a model never runs
@@ -32,21 +36,29 @@ META_FIELDS: dict[str, tuple[type, ...]] = {
 }
 
 
-def write_model(path: str | Path, meta: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> Path:
-    """Write ``meta`` (JSON-able) and ``arrays`` to ``path``; an existing file is replaced."""
+def write_model(
+    path: str | Path, meta: Mapping[str, Any], arrays: Mapping[str, np.ndarray], *, format: str = FORMAT
+) -> Path:
+    """Write ``meta`` (JSON-able) and ``arrays`` to ``path`` as a file of ``format``; an existing file is replaced."""
     import torch
 
     from .. import __version__
 
     path = Path(path)
-    record = {"format": FORMAT, "format_version": FORMAT_VERSION, "histoseq_version": __version__, **meta}
+    record = {"format": format, "format_version": FORMAT_VERSION, "histoseq_version": __version__, **meta}
     tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
     torch.save({"meta": json.dumps(record), "tensors": tensors}, path)
     return path
 
 
-def read_model(path: str | Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """The metadata and arrays of a model file written by :func:`write_model`, checked; nothing is unpickled."""
+def read_model(
+    path: str | Path, *, format: str = FORMAT, fields: Mapping[str, tuple[type, ...]] | None = None
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """The metadata and arrays of a model file written by :func:`write_model`, checked; nothing is unpickled.
+
+    ``format`` is the format name the file must have and ``fields`` the metadata fields it must hold, with
+    their JSON types (by default those of an :class:`~histoseq.tl.ExpressionModel`, :data:`META_FIELDS`).
+    """
     import torch
 
     path = Path(path)
@@ -69,9 +81,9 @@ def read_model(path: str | Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]
         meta = json.loads(obj["meta"])
     except json.JSONDecodeError as err:
         raise ValueError(f"{where}: the model metadata is not valid JSON.") from err
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+    if not isinstance(meta, dict) or meta.get("format") != format:
         found = meta.get("format") if isinstance(meta, dict) else None
-        raise ValueError(f"{where} is not a histoseq model file (format {found!r}).")
+        raise ValueError(f"{where} is not a histoseq model file of format {format!r} (format {found!r}).")
     version = meta.get("format_version", 0)
     if not isinstance(version, int):
         raise ValueError(f"{where}: the model metadata has a malformed `format_version` ({version!r}).")
@@ -80,11 +92,12 @@ def read_model(path: str | Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]
             f"{where} was written by a newer histoseq ({meta.get('histoseq_version')}, format version "
             f"{version}); upgrade histoseq to read it."
         )
-    bad = [k for k, types in META_FIELDS.items() if not isinstance(meta.get(k, ...), types)]
+    fields = META_FIELDS if fields is None else fields
+    bad = [k for k, types in fields.items() if not isinstance(meta.get(k, ...), types)]
     if bad:
         raise ValueError(
             f"{where}: the model metadata lacks or has malformed fields {bad}; the file is damaged or was not "
-            "written by `ExpressionModel.save`."
+            f"written by the `save` method of the model ({format})."
         )
     tensors = obj["tensors"]
     if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):

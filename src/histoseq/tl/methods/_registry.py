@@ -20,6 +20,8 @@ BUILTIN = {
     "mlp": "._mlp",
     "cnn": "._cnn",
     "contrastive": "._contrastive",
+    "attention": "._attention",
+    "logistic": "._logistic",
 }
 _registered: dict[str, ExpressionMethod] = {}
 
