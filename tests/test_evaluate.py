@@ -74,7 +74,9 @@ def test_evaluate_outputs(sdata, model, caplog):
     # scipy agrees
     from scipy.stats import pearsonr, spearmanr
 
-    x = table.layers["predicted"][test, 0]
+    pt = sdata.tables["predicted"]
+    assert table.var_names[0] in pt.var_names
+    x = np.asarray(pt[table.obs_names[test], table.var_names[0]].X)[:, 0]
     y = np.log1p(table.X[test].toarray() / table.X[test].sum(1).A * 1e4)[:, 0]
     row = held[(held["section"] == "all") & (held["gene"] == table.var_names[0])].iloc[0]
     assert row["pearson"] == pytest.approx(pearsonr(x, y)[0], abs=1e-6)
@@ -256,8 +258,9 @@ def test_cross_validate_key_added_and_mlp(sdata):
     cv = cross_validate_(sdata, groups="sample_id", **kw)
     assert "best_epoch" in cv.summary
     table = sdata.tables["table"]
-    assert np.isfinite(table.layers["cv"][:, table.var_names.get_indexer(genes)]).all()
-    scores = hs.tl.evaluate(sdata, layer="cv")
+    assert list(sdata.tables["cv"].var_names) == [g for g in table.var_names if g in genes]
+    assert (sdata.tables["cv"].obs_names == table.obs_names).all() and np.isfinite(sdata.tables["cv"].X).all()
+    scores = hs.tl.evaluate(sdata, predicted="cv")
     assert not scores["in_training"].any()
     folds = cv.scores.set_index(["test_group", "gene"])["pearson"]
     per_section = scores[scores["section"] != "all"].set_index(["section", "gene"])["pearson"]

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import warnings
 
 import numpy as np
 import pytest
@@ -242,23 +243,57 @@ def test_load_refuses_pickled_objects_and_other_files(tmp_path, ridge_model):
         hs.tl.load_model(tmp_path / "absent.pt")
 
 
-def test_predict_writes_a_layer(sdata, ridge_model):
+def test_predict_writes_a_table_of_predictions(sdata, ridge_model):
+    from spatialdata.models import TableModel, get_table_keys
+
     table = sdata.tables["table"]
+    before = snapshot(sdata)
     test = (table.obs["sample_id"] == TEST).to_numpy()
     hs.tl.predict(sdata, ridge_model, spots=test)
-    layer = table.layers["predicted"]
-    assert layer.shape == table.shape and layer.dtype == np.float32
-    cols = table.var_names.get_indexer(ridge_model.genes)
-    assert np.isfinite(layer[np.ix_(test, cols)]).all()
-    assert np.isnan(layer[~test]).all()
-    other = np.setdiff1d(np.arange(table.n_vars), cols)
-    assert np.isnan(layer[:, other]).all()
-    np.testing.assert_allclose(
-        layer[np.ix_(test, cols)], ridge_model.predict_embeddings(table.obsm["X_morphology"][test])
-    )
-    info = table.uns["predicted"]
+    assert snapshot(sdata)[1:] == before[1:]  # the measured table is left as it was
+    assert sorted(sdata.tables) == sorted([*before[0], "predicted"])
+    pred = sdata.tables["predicted"]
+    TableModel().validate(pred)
+    assert pred.shape == (int(test.sum()), len(ridge_model.genes)) and pred.X.dtype == np.float32
+    assert list(pred.obs_names) == list(table.obs_names[test]) and list(pred.var_names) == ridge_model.genes
+    assert get_table_keys(pred) == ("section2_spots", "region", "spot_id")
+    np.testing.assert_array_equal(pred.obsm["spatial"], table.obsm["spatial"][test])
+    np.testing.assert_allclose(pred.X, ridge_model.predict_embeddings(table.obsm["X_morphology"][test]))
+    info = pred.uns["predicted"]
     assert list(info["genes"]) == ridge_model.genes and info["target_transform"] == "log1p_cp10k"
     assert list(info["train_groups"]) == TRAIN
+    # predictions are never replaced silently, and a table the user made is never replaced
+    with pytest.raises(ValueError, match="overwrite=True"):
+        hs.tl.predict(sdata, ridge_model, spots=test)
+    hs.tl.predict(sdata, ridge_model, overwrite=True)
+    assert sdata.tables["predicted"].n_obs == table.n_obs
+    sdata.tables["mine"] = sdata.tables["predicted"].copy()
+    del sdata.tables["mine"].uns["predicted"]
+    with pytest.raises(ValueError, match="not written by hs.tl.predict"):
+        hs.tl.predict(sdata, ridge_model, key_added="mine", overwrite=True)
+    # on request, also into the measured table: the model's genes only, NaN for the spots not predicted
+    hs.tl.predict(sdata, ridge_model, spots=test, key_added="p2", into_table=True)
+    frame = table.obsm["p2"]
+    assert list(frame.columns) == ridge_model.genes and (frame.index == table.obs_names).all()
+    assert np.isfinite(frame.to_numpy()[test]).all() and np.isnan(frame.to_numpy()[~test]).all()
+
+
+def test_the_prediction_table_is_ready_for_scanpy_and_squidpy(sdata, ridge_model):
+    import scanpy as sc
+    import squidpy as sq
+
+    hs.tl.predict(sdata, ridge_model)
+    pred = sdata.tables["predicted"]
+    sc.pp.pca(pred, n_comps=5)
+    sc.pp.neighbors(pred, n_neighbors=10)
+    sc.tl.leiden(pred, flavor="igraph", n_iterations=2, directed=False, random_state=0)
+    assert np.isfinite(pred.obsm["X_pca"]).all() and pred.obs["leiden"].nunique() >= 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        sq.gr.spatial_neighbors(pred, coord_type="generic", n_neighs=6)
+    sq.gr.spatial_autocorr(pred, mode="moran", n_perms=None)
+    moran = pred.uns["moranI"]["I"]
+    assert len(moran) == pred.n_vars and np.isfinite(moran).all()
 
 
 def test_predict_on_an_image_only_slide_adds_a_table(sdata, ridge_model):
@@ -298,7 +333,7 @@ def test_predict_inplace_false_returns_without_writing(sdata, ridge_model):
 
 def test_model_predict_method_and_embedding_checks(sdata, ridge_model):
     ridge_model.predict(sdata, key_added="p2")
-    assert "p2" in sdata.tables["table"].layers
+    assert "p2" in sdata.tables
     table = sdata.tables["table"]
     table.obsm["X_morphology"] = table.obsm["X_morphology"][:, :5]
     before = snapshot(sdata)
@@ -363,8 +398,8 @@ def test_zarr_backed_prediction_is_written_to_disk(base, ridge_model, tmp_path):
     hs.tl.evaluate(backed)
     again = sd.read_zarr(path)
     t = again.tables["table"]
-    assert "predicted" in t.layers and "predicted_pearson" in t.var
-    assert list(t.uns["predicted"]["genes"]) == ridge_model.genes
+    assert "predicted_pearson" in t.var
+    assert list(again.tables["predicted"].uns["predicted"]["genes"]) == ridge_model.genes
 
 
 @pytest.mark.skipif(importlib.util.find_spec("histoseq.tl._embed") is None, reason="hs.tl.embed not written yet")
@@ -383,9 +418,8 @@ def test_with_the_morphology_encoder():
     del slide.tables["table"].obsm["X_morphology"]
     hs.tl.predict(slide, model)
     assert "X_morphology" in slide.tables["table"].obsm
-    cols = table.var_names.get_indexer(model.genes)
     np.testing.assert_allclose(
-        slide.tables["table"].layers["predicted"][:, cols],
+        slide.tables["predicted"].X,
         model.predict_embeddings(table.obsm["X_morphology"], sections=table.obs["region"].to_numpy()),
         rtol=1e-4,
         atol=1e-4,
@@ -483,7 +517,7 @@ def test_fit_computes_a_missing_embedding_and_cleans_up_on_failure(base):
         rtol=1e-5,
         atol=1e-6,
     )
-    assert np.isfinite(slide.tables["table"].layers["predicted"][:, table.var_names.get_indexer(model.genes)]).all()
+    assert np.isfinite(slide.tables["predicted"].X).all()
     # another encoder under another key
     other = with_images(base, light_copy(base).tables["table"])
     fit_(other, genes=5, embedding="X_tiny", embed_kwargs={"encoder": "small_cnn", "patch_px": 32}, progress=False)
@@ -508,8 +542,7 @@ def test_default_embedding_is_the_context_morphology_read_as_it_is():
     other = hs.datasets.synthetic(n_sections=1, section_size_um=700, random_state=4, progress=False)
     hs.tl.predict(other, model)
     assert other.tables["table"].uns["morphology_context"]["params"]["patch_size_um"] == [224.0, 448.0, 800.0]
-    cols = other.tables["table"].var_names.get_indexer(model.genes)
-    assert np.isfinite(other.tables["table"].layers["predicted"][:, cols]).all()
+    assert np.isfinite(other.tables["predicted"].X).all()
 
 
 def test_a_spots_prediction_depends_only_on_its_image_and_the_model():

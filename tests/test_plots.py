@@ -60,3 +60,51 @@ def test_scores_plot_of_a_cross_validation_spans_the_folds(tmp_path):
         hs.pl.scores(cv, metric="nope")
     with pytest.raises(TypeError, match="hs.tl.evaluate"):
         hs.pl.scores([1, 2])
+
+
+def test_expression_plot_draws_measured_beside_predicted_on_one_scale():
+    import matplotlib.pyplot as plt
+    from matplotlib.collections import EllipseCollection, PolyCollection
+
+    sdata = hs.datasets.synthetic(n_sections=2, section_size_um=700, progress=False)
+    t = sdata.tables["table"]
+    t.obsm["X_demo"] = np.random.default_rng(0).normal(size=(t.n_obs, 8))
+    model = hs.tl.fit(sdata, genes=["TUM1", "DENS1"], method="ridge", embedding="X_demo", progress=False)
+    hs.tl.predict(sdata, model, progress=False)
+    fig = hs.pl.expression(sdata, ["TUM1", "DENS1"], section="section1", show=False)
+    panels = [ax for ax in fig.axes if ax.get_title()]
+    assert [ax.get_title() for ax in panels] == [
+        "TUM1: measured",
+        "TUM1: predicted",
+        "DENS1: measured",
+        "DENS1: predicted",
+    ]
+    n = int((t.obs["sample_id"] == "section1").sum())
+    for row in (panels[:2], panels[2:]):
+        colls = [next(c for c in ax.collections if isinstance(c, EllipseCollection)) for ax in row]
+        assert all(len(c.get_array()) == n for c in colls)
+        assert colls[0].get_clim() == colls[1].get_clim()  # one colour scale per gene
+        assert len(row[0].images) == 1  # the H&E under the spots
+    # the measured values are the model's targets: log1p of counts per 10,000
+    measured = next(c for c in panels[0].collections if isinstance(c, EllipseCollection)).get_array()
+    rows = (t.obs["sample_id"] == "section1").to_numpy()
+    x = t.X[rows].toarray()
+    expect = np.log1p(x[:, t.var_names.get_loc("TUM1")] / x.sum(1) * 1e4)
+    np.testing.assert_allclose(np.asarray(measured), expect, rtol=1e-5)
+    plt.close(fig)
+    # a grid: prediction only, tiles drawn as squares
+    hs.tl.predict(sdata, model, shapes_key="section1_spots", key_added="again", progress=False)
+    with pytest.raises(KeyError, match="not predicted"):
+        hs.pl.expression(sdata, "NOISE1", section="section1", show=False)
+    t2 = hs.datasets.synthetic(n_sections=1, section_size_um=700, random_state=9, progress=False)
+    del t2.tables["table"]
+    model2 = hs.tl.fit(
+        sdata, genes=["TUM1"], method="ridge", embed_kwargs={"patch_px": 32}, embedding="X_morphology", progress=False
+    )
+    hs.tl.predict(t2, model2, image_key="section0_image", spacing_um=100, progress=False)
+    fig = hs.pl.expression(t2, "TUM1", predicted="section0_image_grid_predicted", show=False)
+    panels = [ax for ax in fig.axes if ax.get_title()]
+    assert [ax.get_title() for ax in panels] == ["TUM1: predicted"]
+    squares = next(c for c in panels[0].collections if isinstance(c, PolyCollection))
+    assert len(squares.get_paths()) == len(t2.shapes["section0_image_grid"])
+    plt.close(fig)

@@ -154,9 +154,9 @@ def demo(args: argparse.Namespace) -> int:
         f"  {len(model.genes)} genes, kernel width {model.config['gamma']:g}, penalty {model.alpha:.3g}, "
         f"embedding {model.embedding!r} ({model.n_features} dims)"
     )
-    hs.tl.predict(sdata, model, key_added="predicted")
+    hs.tl.predict(sdata, model, key_added="predicted", progress=progress)
     is_test = (table.obs["sample_id"] == test).to_numpy()
-    scores = hs.tl.evaluate(sdata, layer="predicted", spots=is_test, ceiling=True)
+    scores = hs.tl.evaluate(sdata, predicted="predicted", spots=is_test, ceiling=True)
     scores = scores[scores["section"] == test].set_index("gene")
     truth = table.var["truth"].astype(str)
     say(
@@ -174,8 +174,8 @@ def demo(args: argparse.Namespace) -> int:
     compare = {model.embedding: scores["pearson"]}
     for key in ("X_morphology", "X_ssl") if ssl_path is not None else ("X_morphology",):
         other = hs.tl.fit(sdata, genes=list(table.var_names), train=train, embedding=key, progress=False)
-        hs.tl.predict(sdata, other, key_added=f"predicted_{key}")
-        sc = hs.tl.evaluate(sdata, layer=f"predicted_{key}", spots=is_test)
+        hs.tl.predict(sdata, other, key_added=f"predicted_{key}", progress=False)
+        sc = hs.tl.evaluate(sdata, predicted=f"predicted_{key}", spots=is_test)
         compare[key] = sc[sc["section"] == test].set_index("gene")["pearson"]
     say(f"  held-out {test}, the default model on each embedding: mean r of the learnable genes / of the others")
     for key, r in compare.items():

@@ -496,3 +496,92 @@ def store_element(sdata: SpatialData, kind: str, key: str, element: Any = None) 
         if key in paths or f"{kind}/{key}" in paths:
             sdata.delete_element_from_disk(key)
         sdata.write_element(key)
+
+
+def annotating_tables(sdata: SpatialData, shapes_key: str) -> list[str]:
+    """Tables that annotate the shapes element ``shapes_key``."""
+    out = []
+    for key, table in sdata.tables.items():
+        if "spatialdata_attrs" in table.uns and shapes_key in table_keys(table)[0]:
+            out.append(key)
+    return out
+
+
+def shapes_table_key(shapes_key: str) -> str:
+    """The name of the table that histoseq makes for a shapes element no table annotates (e.g. a grid)."""
+    return f"{shapes_key}_table"
+
+
+def shapes_table(sdata: SpatialData, shapes_key: str) -> tuple[str, bool]:
+    """The table annotating ``shapes_key``, made (in memory, not on disk) when none does.
+
+    A grid or any shapes element without a table gets ``f"{shapes_key}_table"``: one row per shape (``obs_names``
+    are the shapes' index as strings), ``obs`` with ``region`` and ``instance_id`` and the shapes' numeric columns
+    (e.g. a grid's ``grid_row``, ``grid_col``, ``x_um``, ``y_um``), ``obsm["spatial"]`` the shapes' centres in their
+    own coordinates, and no genes. It is where embeddings of those shapes go. Returns ``(key, created)``; the
+    caller writes a created table (:func:`store_element`) or removes it again when its work fails.
+    """
+    import anndata as ad
+    import pandas as pd
+    from scipy import sparse
+    from spatialdata.models import TableModel
+
+    key = resolve_key(shapes_key, list(sdata.shapes.keys()), "shapes element", "shapes_key")
+    found = annotating_tables(sdata, key)
+    if found:
+        return (shapes_table_key(key) if shapes_table_key(key) in found else found[0]), False
+    tkey = shapes_table_key(key)
+    taken = {k for kind in ("images", "labels", "points", "shapes", "tables") for k in getattr(sdata, kind)}
+    if tkey in taken:
+        raise ValueError(f"An element {tkey!r} exists but does not annotate shapes {key!r}; rename it first.")
+    shapes = sdata.shapes[key]
+    if shapes.index.has_duplicates:
+        raise ValueError(f"Shapes {key!r} has duplicated index values; give every shape its own id first.")
+    centres, _ = _shape_centers(shapes)
+    obs = pd.DataFrame(
+        {
+            "region": pd.Categorical([key] * len(shapes), categories=[key]),
+            "instance_id": np.asarray(shapes.index),
+            **{
+                c: shapes[c].to_numpy()
+                for c in shapes.columns
+                if c not in ("geometry", "region", "instance_id") and pd.api.types.is_numeric_dtype(shapes[c])
+            },
+        },
+        index=pd.Index(shapes.index.astype(str), name=None),
+    )
+    adata = ad.AnnData(X=sparse.csr_matrix((len(shapes), 0), dtype=np.float32), obs=obs, obsm={"spatial": centres})
+    sdata.tables[tkey] = TableModel.parse(adata, region=key, region_key="region", instance_key="instance_id")
+    logger.info("Made table %r for the %d shapes of %r (no table annotated them).", tkey, len(shapes), key)
+    return tkey, True
+
+
+def table_for_shapes(sdata: SpatialData, table_key: str | None, shapes_key: str | None) -> tuple[str | None, bool]:
+    """The table to read for ``shapes_key``: ``table_key`` when it annotates them, else :func:`shapes_table`'s."""
+    if shapes_key is None or (table_key in sdata.tables and shapes_key in annotating_tables(sdata, shapes_key)):
+        return table_key, False
+    return shapes_table(sdata, shapes_key)
+
+
+def with_shapes_table(func):
+    """Let a function of ``(sdata, *, table_key, shapes_key, inplace, ...)`` run on shapes that no table annotates.
+
+    The table of those shapes (:func:`shapes_table`) is made first and passed as ``table_key``; it stays when the
+    call writes into it (``inplace=True``), and is removed when the call fails or returns its result instead.
+    """
+    import functools
+
+    @functools.wraps(func)
+    def wrapper(sdata: SpatialData, *args: Any, table_key: str | None = "table", **kwargs: Any) -> Any:
+        tkey, made = table_for_shapes(sdata, table_key, kwargs.get("shapes_key"))
+        try:
+            out = func(sdata, *args, table_key=tkey, **kwargs)
+        except BaseException:
+            if made:
+                del sdata.tables[tkey]
+            raise
+        if made and not kwargs.get("inplace", True):
+            del sdata.tables[tkey]
+        return out
+
+    return wrapper

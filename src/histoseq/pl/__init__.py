@@ -1,12 +1,12 @@
-"""Plotting: patches, class maps and attention maps on the H&E, and per-gene scores."""
+"""Plotting: patches; expression, class and attention maps on the H&E; per-gene scores."""
 
 import importlib
 
 from ._patches import patches
 
 #: Plots that live in their own module, imported on first use (matplotlib loads only when a plot is drawn).
-_PLOTS = {"classes": "._classes", "attention": "._attention", "scores": "._scores"}
-__all__ = ["attention", "classes", "patches", "scores"]
+_PLOTS = {"classes": "._classes", "attention": "._attention", "scores": "._scores", "expression": "._expression"}
+__all__ = ["attention", "classes", "expression", "patches", "scores"]
 
 
 def __getattr__(name: str):

@@ -110,7 +110,7 @@ def scores(
         table = table.iloc[: int(n)]
     y = np.arange(len(table))[::-1]
     if ax is None:
-        fig, ax = plt.subplots(figsize=(5.5, 0.6 + 0.22 * len(table)))
+        fig, ax = plt.subplots(figsize=(5.5, max(2.0, 0.8 + 0.22 * len(table))))
     else:
         fig = ax.figure
     score = table["score"].to_numpy(float)

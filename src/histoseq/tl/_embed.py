@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .._sdata import get_table, resolve_regions, store_element
+from .._sdata import get_table, resolve_regions, store_element, with_shapes_table
 from .._utils import seeded
 
 if TYPE_CHECKING:
@@ -541,6 +541,7 @@ def _check_args(patch_size_um: Any, patch_px: int, batch_size: int, key_added: s
         )
 
 
+@with_shapes_table
 def embed(
     sdata: SpatialData,
     *,
@@ -620,7 +621,9 @@ def embed(
     table_key
         Table whose spots to embed and where to write; inferred when there is only one.
     shapes_key
-        Restrict to the spots of this region of the table.
+        Restrict to the spots of this region of the table; or embed the shapes of an element that no table
+        annotates (a grid, an image-only slide's spots): the table ``f"{shapes_key}_table"`` is made for them (one
+        row per shape) and receives the embedding.
     image_key
         Image to cut from, or a mapping region → image (see :func:`histoseq.pp.extract_patches`).
     spots

@@ -14,7 +14,7 @@ from ._data import embedding_key, embedding_matrix, group_labels, section_labels
 from ._fit import DEFAULT_EMBEDDING, DEFAULT_METHOD, ExpressionModel, fit, predict
 from ._inputs import ensure_embeddings
 from ._metrics import METRICS, gene_scores, log_depth, noise_ceiling
-from ._prediction import prediction_record
+from ._prediction import check_prediction_key, prediction_record, prediction_table, read_predictions
 from .methods import get_method
 
 if TYPE_CHECKING:
@@ -89,17 +89,19 @@ def _transform_from_uns(value: Any) -> str | None:
 def evaluate(
     sdata: SpatialData | ad.AnnData,
     *,
-    layer: str = "predicted",
+    predicted: str = "predicted",
     table_key: str | None = "table",
     spots: Any = None,
     groups: str | None = "sample_id",
     key_added: str | None = None,
     ceiling: bool = False,
+    layer: str | None = None,
 ) -> pd.DataFrame:
     """Score predicted expression against the measured counts, gene by gene and section by section.
 
-    The truth is the model's target transform (recorded by :func:`histoseq.tl.predict` in
-    ``uns[layer]['target_transform']``) of the counts in ``X``, so predictions and truth are on the same
+    The predictions are the table ``predicted`` that :func:`histoseq.tl.predict` writes (matched to the
+    measured table's spots by ``obs_names``). The truth is the model's target transform (recorded in
+    ``uns[predicted]['target_transform']``) of the counts in ``X``, so predictions and truth are on the same
     scale. For each gene, over the chosen spots of each section (``obs[groups]``) and over all of them
     pooled (section ``"all"``):
 
@@ -128,19 +130,22 @@ def evaluate(
     ----------
     sdata
         The SpatialData (or its table) holding the predictions and the counts.
-    layer
-        The layer of predictions written by :func:`histoseq.tl.predict` (or by
-        :func:`histoseq.tl.cross_validate` with ``key_added``).
+    predicted
+        The predictions: the table written by :func:`histoseq.tl.predict` (``key_added``), or a DataFrame in
+        ``obsm`` (``predict(into_table=True)``) or a layer of the measured table (:func:`histoseq.tl.cross_validate`
+        with ``key_added``; predictions written by histoseq before 0.4) of that name.
     table_key
-        The table.
+        The measured table.
     spots
         Spots to score: ``None`` (every spot with a prediction), a boolean mask, names or positions.
     groups
         Column of ``obs`` with section labels, scored separately; ``None`` for the pooled score only.
     key_added
-        Prefix of the written scores (default: ``layer``).
+        Prefix of the written scores (default: ``predicted``).
     ceiling
         Also estimate each gene's noise ceiling (``pearson_ceiling``; five random splits, seed 0).
+    layer
+        Former name of ``predicted``.
 
     Returns
     -------
@@ -153,7 +158,7 @@ def evaluate(
     ``pearson_median``, ``n_genes_pearson_positive``, ``spearman_mean``, ``mse_mean``,
     ``pearson_partial_depth_mean``, ``n_genes``, ``n_spots``, ``pearson_mean_by_section``, ``params``; with
     ``ceiling=True`` also ``pearson_ceiling_mean``),
-    with ``key = key_added or layer``.
+    with ``key = key_added or predicted``, in the measured table.
 
     Examples
     --------
@@ -171,39 +176,30 @@ def evaluate(
     True
 
     """
-    import anndata as ad
-
-    if isinstance(sdata, ad.AnnData):
-        tkey, table = None, sdata
-    else:
-        tkey, table = get_table(sdata, table_key)
-        if layer not in table.layers and layer in sdata.tables:
-            raise ValueError(
-                f"{layer!r} is a separate table of predictions (made for spots whose table lacks the model's genes, "
-                "e.g. an H&E-only slide): there is no measured expression to evaluate it against."
-            )
-    if layer not in table.layers:
-        raise KeyError(
-            f"Layer {layer!r} not found (layers: {sorted(table.layers)}). Write predictions first with "
-            "`hs.tl.predict(sdata, model, key_added=...)`."
-        )
-    info = table.uns.get(layer)
-    if not isinstance(info, dict) or "genes" not in info or "target_transform" not in info:
+    if layer is not None:  # the name of this argument before predictions became tables of their own
+        predicted = layer
+    tkey, table, pred_all, info = read_predictions(sdata, table_key, predicted)
+    if "target_transform" not in info:
         raise ValueError(
-            f"`uns[{layer!r}]` must record the predicted `genes` and the `target_transform` (as "
-            "`hs.tl.predict` writes them)."
+            f"The predictions {predicted!r} do not record their `target_transform` (as hs.tl.predict does)."
         )
     genes = [str(g) for g in np.asarray(info["genes"]).tolist()]
     cols = table.var_names.get_indexer(genes)
+    if (cols < 0).all():
+        raise ValueError(
+            f"The table has none of the genes of the predictions {predicted!r} (an H&E-only slide?): there is no "
+            "measured expression to evaluate them against."
+        )
     if (cols < 0).any():
-        raise KeyError(f"Genes of `uns[{layer!r}]['genes']` are not in the table: {np.asarray(genes)[cols < 0][:10]}.")
+        raise KeyError(
+            f"Genes of the predictions {predicted!r} are not measured in the table: {np.asarray(genes)[cols < 0][:10]}."
+        )
     transform = _transform_from_uns(info["target_transform"])
     labels = group_labels(table, groups)
-    pred_all = np.asarray(table.layers[layer][:, cols], dtype=np.float64)
     if spots is None:
         rows = np.flatnonzero(np.isfinite(pred_all).any(axis=1))
         if rows.size == 0:
-            raise ValueError(f"Layer {layer!r} holds no finite prediction.")
+            raise ValueError(f"The predictions {predicted!r} hold no finite value for the table's spots.")
     else:
         rows = select_rows(table.n_obs, table.obs_names, spots)
         if rows.size == 0:
@@ -235,7 +231,7 @@ def evaluate(
     else:
         scores["in_training"] = False
 
-    key = key_added or layer
+    key = key_added or predicted
     pooled = scores[scores["section"] == "all"].set_index("gene")
     for m in metrics:
         col = np.full(table.n_vars, np.nan)
@@ -244,7 +240,7 @@ def evaluate(
     summary = _summary(scores)
     if ceiling:
         summary["pearson_ceiling_mean"] = _nan_stat(np.nanmean, pooled["pearson_ceiling"].to_numpy(float))
-    summary["params"] = {"layer": layer, "groups": groups or "", "target_transform": transform or "none"}
+    summary["params"] = {"predicted": predicted, "groups": groups or "", "target_transform": transform or "none"}
     table.uns[f"{key}_scores"] = summary
     if tkey is not None:
         store_element(sdata, "tables", tkey)
@@ -302,6 +298,22 @@ class CrossValidation:
             f"{np.nanmean(s):.3f} ± {np.nanstd(s):.3f} across folds. See `.scores` (per fold and gene) "
             "and `.summary` (per fold)."
         )
+
+
+def _write_fold_predictions(sdata: SpatialData, tkey: str, key: str, fold_preds: list, groups: str) -> None:
+    """The held-out predictions of every fold as one table of predictions ``key`` (genes: the union of the folds')."""
+    table = sdata.tables[tkey]
+    genes = [g for g in table.var_names if any(g in m.genes for _, _, _, m in fold_preds)]
+    where = {g: i for i, g in enumerate(genes)}
+    pred = np.full((table.n_obs, len(genes)), np.nan, dtype=np.float32)
+    for test, _, p, model in fold_preds:
+        pred[np.ix_(test, [where[g] for g in model.genes])] = p
+    rows = np.sort(np.concatenate([test for test, _, _, _ in fold_preds]))
+    info = prediction_record(fold_preds[0][3], n_spots=len(rows), source_table=tkey)
+    info.update(genes=genes, train_groups=[], cross_validated=True, cv_groups=groups)
+    info.pop("alpha", None)
+    store_element(sdata, "tables", key, prediction_table(table, rows, pred[rows], genes, key, info))
+    logger.info("Added the held-out predictions of %d folds as table %r.", len(fold_preds), key)
 
 
 def _check_donor_leakage(labels: np.ndarray, donors: np.ndarray, groups: str, donor_key: str) -> None:
@@ -391,8 +403,9 @@ def cross_validate(
     target_transform
         Transform of the counts (see :func:`histoseq.tl.fit`).
     key_added
-        When given, write the held-out predictions of all folds into ``table.layers[key_added]`` (with
-        ``uns[key_added]``), ready for :func:`histoseq.tl.evaluate`. By default nothing is written.
+        When given, write the held-out predictions of all folds as the table ``key_added`` (as
+        :func:`histoseq.tl.predict` does; a gene that some folds did not select is NaN on their spots), ready
+        for :func:`histoseq.tl.evaluate`. By default nothing is written.
     keep_models
         Keep each fold's model in the result.
     random_state
@@ -405,8 +418,7 @@ def cross_validate(
     Returns
     -------
     A :class:`CrossValidation` with ``scores`` (per fold and gene), ``summary`` (per fold), ``params``
-    and optionally ``models``. With ``key_added``, also sets ``table.layers[key_added]`` and
-    ``table.uns[key_added]``.
+    and optionally ``models``. With ``key_added``, also adds the table ``sdata.tables[key_added]``.
 
     Examples
     --------
@@ -441,8 +453,8 @@ def cross_validate(
         donors = group_labels(table, donor_key)
         assert donors is not None
         _check_donor_leakage(labels, donors, groups, donor_key)
-    if key_added is not None and key_added in table.layers and key_added == "X":
-        raise ValueError("`key_added` cannot be 'X'.")
+    if key_added is not None:
+        check_prediction_key(sdata, key_added, tkey, overwrite=False)
     if get_method(method).reads != "embedding":  # e.g. a network that reads the patches
         X_emb = None
     else:  # a frozen embedding learns nothing from the data: computing it for all spots at once leaks nothing
@@ -511,23 +523,7 @@ def cross_validate(
         **{k: v for k, v in fit_kwargs.items() if isinstance(v, int | float | str | bool)},
     }
     if key_added is not None:
-        layer = np.full(table.shape, np.nan, dtype=np.float32)
-        all_genes: set[str] = set()
-        for test, cols, pred, model in fold_preds:
-            layer[np.ix_(test, cols)] = pred
-            all_genes.update(model.genes)
-        table.layers[key_added] = layer
-        info = prediction_record(fold_preds[0][3], n_spots=table.n_obs, source_table=tkey)
-        info.update(
-            genes=[g for g in table.var_names if g in all_genes],
-            train_groups=[],
-            cross_validated=True,
-            cv_groups=groups,
-        )
-        info.pop("alpha", None)
-        table.uns[key_added] = info
-        store_element(sdata, "tables", tkey)
-        logger.info("Added the held-out predictions of %d folds as layer %r of table %r.", len(uniq), key_added, tkey)
+        _write_fold_predictions(sdata, tkey, key_added, fold_preds, groups)
     result = CrossValidation(scores=scores, summary=summary, params=params, models=models if keep_models else None)
     logger.info("Cross-validation done: %r", result)
     return result

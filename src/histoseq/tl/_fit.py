@@ -358,23 +358,36 @@ def predict(
     sdata: SpatialData,
     model: ExpressionModel,
     *,
-    key_added: str = "predicted",
+    key_added: str | None = None,
     table_key: str | None = "table",
+    shapes_key: str | None = None,
+    image_key: str | None = None,
+    spacing_um: float | None = None,
     spots: Any = None,
+    into_table: bool = False,
+    overwrite: bool = False,
     inplace: bool = True,
+    progress: bool = True,
     tta: bool | None = None,
     device: Any = "cpu",
 ) -> ad.AnnData | None:
-    """Predict expression from the embeddings (or the patches) of a table's spots.
+    """Predict expression for a table's spots, for any shapes (a grid), or for a whole image-only slide.
 
-    The embedding ``obsm[model.embedding]`` is read from the table; when it is absent and
-    :func:`histoseq.tl.embed` is available, it is computed first with the encoder recorded in the model
-    (and kept in the table). A table whose embedding was made by another encoder is refused.
+    What is predicted:
 
-    A ``"cnn"`` model reads images instead: the patches of its ``patch_size_um`` and ``patch_px`` are cut
-    around the spots (:func:`histoseq.pp.extract_patches`) and run through its network, averaged over the
-    8 turns and flips of each patch unless ``tta=False``; no embedding is needed. Spots whose centre lies
-    outside their image get NaN.
+    - by default, the spots of the table ``table_key`` (all, or ``spots``);
+    - ``shapes_key``: the shapes of that element. When no table annotates them (a grid from
+      :func:`histoseq.pp.make_grid`, the spots of a slide that has only an image), the table
+      ``f"{shapes_key}_table"`` is made for them first (one row per shape; the embeddings go there);
+    - ``image_key`` and ``spacing_um``: the tissue of an image, in one call: the tissue is detected, a grid of
+      ``spacing_um`` tiles is laid on it (shapes ``f"{image_key}_grid"``, or ``shapes_key``), and its tiles are
+      embedded (streamed in batches) and predicted.
+
+    The model's inputs are read as it was trained: the embedding ``obsm[model.embedding]`` of those rows, computed
+    with the model's encoder when absent (and kept in their table; an embedding made by another encoder is
+    refused), or, for models that read images (``"cnn"``, ``"attention"``), the patches around the shapes, cut
+    and stain-normalised as in training (``"cnn"``: averaged over the 8 turns and flips unless ``tta=False``).
+    Shapes whose centre lies outside their image, or whose embedding is not finite, get NaN.
 
     Parameters
     ----------
@@ -383,33 +396,42 @@ def predict(
     model
         A fitted :class:`~histoseq.tl.ExpressionModel`.
     key_added
-        Name of the layer (or of the new table) that receives the predictions.
+        Name of the table of predictions; default ``"predicted"`` for a table's spots and
+        ``f"{shapes_key}_predicted"`` for other shapes.
     table_key
         The table whose spots are predicted.
+    shapes_key
+        Predict these shapes instead (see above).
+    image_key
+        With ``spacing_um``: the image whose tissue is tiled and predicted.
+    spacing_um
+        Spacing (and side) in µm of the grid laid on ``image_key``.
     spots
-        Spots to predict: ``None`` (all), a boolean mask, names or positions of table rows.
+        Rows to predict: ``None`` (all), a boolean mask, names or positions of the table's rows.
+    into_table
+        Also write the predictions into the measured table, as ``obsm[key_added]``: a DataFrame with one column
+        per gene of the model (rows not predicted are NaN). Off by default: the measured table stays as it was.
+    overwrite
+        Replace a table of predictions of the same name (a table that histoseq did not write is never replaced).
     inplace
         Write the predictions into ``sdata`` (``True``) or return them.
+    progress
+        Show progress bars (embedding and patch cutting).
     tta
         ``"cnn"`` models: test-time augmentation; ``None``: the model's default (``model.config['tta']``).
     device
-        ``"cnn"`` models: the torch device that runs the network.
+        Models that read images: the torch device that runs the network.
 
     Returns
     -------
-    With ``inplace=False``, an AnnData with the predicted spots (``obs`` and ``obsm['spatial']`` of the
-    table), ``var_names = model.genes`` and the predictions in ``X``. Otherwise ``None``, and:
-
-    - when the table has all of the model's genes (a slide with measured expression):
-      sets ``table.layers[key_added]`` (dense float32, table shape; predictions in the model's genes for
-      the predicted spots, NaN elsewhere) and ``table.uns[key_added]`` (``genes``, ``target_transform``,
-      ``method``, ``embedding``, ``groups``, ``train_groups``, what :func:`histoseq.tl.evaluate` reads);
-    - when it lacks some of them (an H&E-only slide, whose table has no or other genes): adds the table
-      ``sdata.tables[key_added]`` annotating the same spots (same ``obs``, region and instance keys,
-      ``obsm['spatial']``), with ``var_names = model.genes``, the predictions in ``X`` and the same
-      ``uns[key_added]``.
-
-    A table backed by zarr is written back to disk.
+    With ``inplace=False``, the table of predictions (and ``sdata`` is left as it was). Otherwise ``None``, and
+    ``sdata.tables[key_added]`` holds it: one row per predicted shape with the ``obs`` (names included) and
+    ``obsm['spatial']`` of its table, annotating the same shapes (TableModel; same region and instance keys), the
+    model's genes as ``var_names``, the predictions (float32, on the model's target scale) in ``X``, and
+    ``uns[key_added]``: ``genes``, ``target_transform``, ``method``, ``embedding``, ``groups``, ``train_groups``
+    (what :func:`histoseq.tl.evaluate` reads). It is ready for ``sc.pp.pca``, ``sc.pp.neighbors``,
+    ``sq.gr.spatial_neighbors`` and ``sq.gr.spatial_autocorr``. A grid laid by the call (shapes) and a table made
+    for shapes are added too. On a backed SpatialData every element written is written to disk.
 
     Examples
     --------
@@ -420,12 +442,34 @@ def predict(
     >>> t.obsm["X_demo"] = np.random.default_rng(0).normal(size=(t.n_obs, 8))
     >>> model = hs.tl.fit(sdata, genes=5, embedding="X_demo", progress=False)
     >>> hs.tl.predict(sdata, model)
-    >>> t.layers["predicted"].shape == t.shape
+    >>> sdata.tables["predicted"].shape == (t.n_obs, 5)
     True
+
+    An image-only slide, predicted on a 100 µm grid over its tissue:
+
+    >>> model = hs.tl.fit(sdata, genes=5, embed_kwargs={"patch_px": 32}, progress=False)
+    >>> slide = hs.datasets.synthetic(n_sections=1, section_size_um=600, random_state=7, progress=False)
+    >>> del slide.tables["table"]
+    >>> hs.tl.predict(slide, model, image_key="section0_image", spacing_um=100, progress=False)
+    >>> slide.tables["section0_image_grid_predicted"].n_vars
+    5
 
     """
     if not isinstance(model, ExpressionModel):
         raise TypeError(f"`model` must be an ExpressionModel (from hs.tl.fit or hs.tl.load_model), got {type(model)}.")
     return predict_table(
-        sdata, model, key_added=key_added, table_key=table_key, spots=spots, inplace=inplace, tta=tta, device=device
+        sdata,
+        model,
+        key_added=key_added,
+        table_key=table_key,
+        shapes_key=shapes_key,
+        image_key=image_key,
+        spacing_um=spacing_um,
+        spots=spots,
+        into_table=into_table,
+        overwrite=overwrite,
+        inplace=inplace,
+        progress=progress,
+        tta=tta,
+        device=device,
     )

@@ -142,7 +142,7 @@ def ensure_embeddings(
 
 
 def prediction_embedding(
-    sdata: SpatialData, tkey: str, key: str, trained: Mapping[str, Any], n_features: int
+    sdata: SpatialData, tkey: str, key: str, trained: Mapping[str, Any], n_features: int, *, progress: bool = False
 ) -> np.ndarray:
     """A model's embedding ``key`` of the table's spots, computed with :func:`histoseq.tl.embed` when absent.
 
@@ -152,7 +152,7 @@ def prediction_embedding(
     parts = embedding_parts(key)
     params_of = {key: trained} if len(parts) == 1 else dict(trained.get("parts", {}))
     for part in parts:
-        ensure_prediction_part(sdata, tkey, part, params_of.get(part, {}))
+        ensure_prediction_part(sdata, tkey, part, params_of.get(part, {}), progress=progress)
     table = sdata.tables[tkey]
     X = embedding_matrix(table, key, f"Table {tkey!r}")
     if X.shape[1] != n_features:
@@ -180,7 +180,9 @@ def prediction_embedding(
     return X
 
 
-def ensure_prediction_part(sdata: SpatialData, tkey: str, key: str, params: Mapping[str, Any]) -> None:
+def ensure_prediction_part(
+    sdata: SpatialData, tkey: str, key: str, params: Mapping[str, Any], *, progress: bool = False
+) -> None:
     """Compute ``obsm[key]`` with :func:`histoseq.tl.embed` and the training ``params`` when the table lacks it."""
     if key in sdata.tables[tkey].obsm:
         return
@@ -192,7 +194,7 @@ def ensure_prediction_part(sdata: SpatialData, tkey: str, key: str, params: Mapp
     # an embedding recorded before stains were normalised read the pixels as scanned
     kwargs.setdefault("stain_norm", False)
     logger.info("Table %r has no `obsm[%r]`: computing it with hs.tl.embed(encoder=%r).", tkey, key, params["encoder"])
-    embed(sdata, table_key=tkey, **kwargs)
+    embed(sdata, table_key=tkey, progress=progress, **kwargs)
     if key not in sdata.tables[tkey].obsm:
         raise missing_embedding_error(key, f"Table {tkey!r} (after hs.tl.embed)")
 

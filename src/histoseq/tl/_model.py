@@ -99,8 +99,8 @@ class ExpressionModel:
 
     @property
     def uses_images(self) -> bool:
-        """Whether the model reads the spots' patches (``"cnn"``) rather than an embedding."""
-        return self._impl.reads == "patches"
+        """Whether the model reads the images around the spots (``"cnn"``, ``"attention"``), not an embedding."""
+        return self._impl.reads != "embedding"
 
     @property
     def genes(self) -> list[str]:

@@ -1,9 +1,10 @@
-"""Predictions written back into SpatialData: the body of :func:`histoseq.tl.predict`.
+"""Predictions written back into SpatialData: the body of :func:`histoseq.tl.predict`, and reading them back.
 
-:func:`predict_table` reads a model's inputs for a table's spots (its embedding, computed when absent, or the
-patches), asks the model for predictions and writes them as a layer of the table or as a new table. It takes
-the model as it is (an :class:`~histoseq.tl.ExpressionModel`), so that :meth:`ExpressionModel.predict` and
-:func:`histoseq.tl.predict` share it.
+:func:`predict_table` reads a model's inputs for the shapes it is asked about (a measured table's spots, any
+shapes element such as a grid, or a grid it lays on an image-only slide), asks the model for predictions and
+writes them as a **table of their own**: one row per predicted shape, only the model's genes, annotating the same
+shapes, so that scanpy and squidpy read it as it is (no NaN padding). :func:`read_predictions` gives
+:func:`histoseq.tl.evaluate` the predictions aligned with a measured table, whichever way they were stored.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .._sdata import get_table, select_rows, store_element, table_keys
+from .._sdata import annotating_tables, get_table, select_rows, shapes_table, store_element, table_keys
 from ._data import section_labels
 from ._inputs import prediction_embedding, spot_patches
 
@@ -22,6 +23,9 @@ if TYPE_CHECKING:
     from spatialdata import SpatialData
 
 logger = logging.getLogger(__name__)
+
+#: Where :func:`predict_table` puts the predictions of a measured table's spots by default.
+DEFAULT_KEY = "predicted"
 
 
 def prediction_record(model: Any, **extra: Any) -> dict[str, Any]:
@@ -42,25 +46,33 @@ def prediction_record(model: Any, **extra: Any) -> dict[str, Any]:
     return info
 
 
-def predict_table(
-    sdata: SpatialData,
-    model: Any,
-    *,
-    key_added: str = "predicted",
-    table_key: str | None = "table",
-    spots: Any = None,
-    inplace: bool = True,
-    tta: bool | None = None,
-    device: Any = "cpu",
-) -> ad.AnnData | None:
-    """Predict the spots of a table with ``model`` and write or return the predictions (:func:`histoseq.tl.predict`)."""
+def prediction_table(
+    source: ad.AnnData, rows: np.ndarray, pred: np.ndarray, genes: list[str], key: str, info: dict[str, Any]
+) -> ad.AnnData:
+    """A table of predictions for rows ``rows`` of ``source``, annotating the same shapes (parsed with TableModel).
+
+    ``obs`` (names and columns) and ``obsm["spatial"]`` are those of the source rows; ``X`` holds ``pred``
+    (float32, one column per gene of ``genes``); ``uns[key]`` holds ``info``.
+    """
     import anndata as ad
     import pandas as pd
+    from spatialdata.models import TableModel
 
-    tkey, table = get_table(sdata, table_key)
-    rows = select_rows(table.n_obs, table.obs_names, spots)
-    if rows.size == 0:
-        raise ValueError("`spots` selects no spot.")
+    regions, region_key, instance_key = table_keys(source)
+    obs = source.obs.iloc[rows].copy()
+    out = ad.AnnData(X=np.asarray(pred, dtype=np.float32), obs=obs, var=pd.DataFrame(index=pd.Index(genes)))
+    if "spatial" in source.obsm:
+        out.obsm["spatial"] = np.asarray(source.obsm["spatial"])[rows].copy()
+    out.uns[key] = info
+    used = [r for r in regions if r in set(out.obs[region_key].astype(str))]
+    out.obs[region_key] = pd.Categorical(out.obs[region_key].astype(str), categories=used)
+    return TableModel.parse(
+        out, region=used[0] if len(used) == 1 else used, region_key=region_key, instance_key=instance_key
+    )
+
+
+def _model_inputs(sdata, model, tkey, rows, *, tta, device, progress) -> tuple[np.ndarray, dict[str, Any], str]:
+    """The model's predictions for rows ``rows`` of table ``tkey``, what they record, and what a NaN row lacks."""
     if model.uses_images:
         c = model.config
         images, found, _ = spot_patches(
@@ -70,66 +82,188 @@ def predict_table(
             patch_size_um=c["patch_size_um"],
             patch_px=c["patch_px"],
             stain_norm=c.get("stain_norm", False),  # models saved before stain normalisation: as scanned
-            progress=False,
+            progress=progress,
         )
         pred = np.full((len(rows), len(model.genes)), np.nan, dtype=np.float32)
         pred[found] = model.predict_patches(images[found], tta=tta, device=device)
-        extra: dict[str, Any] = model.prediction_info(tta=tta)
-        missing_what = "patch (centre outside the image)"
-    else:
-        X = prediction_embedding(sdata, tkey, model.embedding, model.embedding_params, model.n_features)
-        table = sdata.tables[tkey]
-        sections = section_labels(table, model.provenance.get("groups")) if model.section_norm else None
-        pred = model.predict_embeddings(X, sections=sections, rows=rows)
-        extra, missing_what = {}, "finite embedding"
+        return pred, model.prediction_info(tta=tta), "patch (centre outside the image)"
+    X = prediction_embedding(sdata, tkey, model.embedding, model.embedding_params, model.n_features, progress=progress)
     table = sdata.tables[tkey]
-    n_nan = int(np.isnan(pred).all(axis=1).sum())
-    if n_nan:
-        logger.warning("%d spot(s) have no %s; their predictions are NaN.", n_nan, missing_what)
-    has_genes = all(g in table.var_names for g in model.genes)
-    info = prediction_record(model, n_spots=len(rows), source_table=tkey, **extra)
+    sections = section_labels(table, model.provenance.get("groups")) if model.section_norm else None
+    return model.predict_embeddings(X, sections=sections, rows=rows), {}, "finite embedding"
 
-    def new_table() -> ad.AnnData:
-        obs = table.obs.iloc[rows].copy()
-        out = ad.AnnData(X=pred, obs=obs, var=pd.DataFrame(index=pd.Index(model.genes)))
-        if "spatial" in table.obsm:
-            out.obsm["spatial"] = np.asarray(table.obsm["spatial"])[rows].copy()
-        out.uns[key_added] = info
-        return out
 
+def _target(sdata, table_key, shapes_key, image_key, spacing_um, added) -> tuple[str, str | None]:
+    """The table whose rows are predicted and the shapes they are (``None``: all of the table's regions).
+
+    Lays a grid on ``image_key`` when ``spacing_um`` is given, and makes the table of a shapes element that no
+    table annotates; what it adds to ``sdata`` is listed in ``added`` (``(kind, key)``) so that a failure can
+    remove it.
+    """
+    from .._sdata import resolve_image_key
+
+    if spacing_um is not None:
+        from ..pp import make_grid
+
+        image_key = resolve_image_key(sdata, image_key)
+        grid_key = shapes_key or f"{image_key}_grid"
+        if grid_key in sdata.shapes:
+            raise ValueError(
+                f"Shapes {grid_key!r} exist already: predict on them with `shapes_key={grid_key!r}` (without "
+                "`spacing_um`), or name a new grid with `shapes_key=`."
+            )
+        sdata.shapes[grid_key] = make_grid(sdata, image_key=image_key, spacing_um=spacing_um, inplace=False)
+        added.append(("shapes", grid_key))
+        shapes_key = grid_key
+    elif image_key is not None and shapes_key is None:
+        raise ValueError("`image_key` needs `spacing_um` (the grid to lay on the image) or `shapes_key`.")
+    if shapes_key is None:
+        return get_table(sdata, table_key)[0], None
+    if shapes_key not in sdata.shapes:
+        raise KeyError(f"Shapes {shapes_key!r} not found (shapes: {sorted(sdata.shapes)}).")
+    if table_key in annotating_tables(sdata, shapes_key):  # spots of the measured table
+        return table_key, shapes_key
+    tkey, created = shapes_table(sdata, shapes_key)  # the table that annotates them, made when there is none
+    if created:
+        added.append(("tables", tkey))
+    return tkey, shapes_key
+
+
+def _undo(sdata: SpatialData, added: list[tuple[str, str]]) -> None:
+    for kind, key in reversed(added):
+        getattr(sdata, kind).pop(key, None)
+
+
+def predict_table(
+    sdata: SpatialData,
+    model: Any,
+    *,
+    key_added: str | None = None,
+    table_key: str | None = "table",
+    shapes_key: str | None = None,
+    image_key: str | None = None,
+    spacing_um: float | None = None,
+    spots: Any = None,
+    into_table: bool = False,
+    overwrite: bool = False,
+    inplace: bool = True,
+    progress: bool = True,
+    tta: bool | None = None,
+    device: Any = "cpu",
+) -> ad.AnnData | None:
+    """Predict shapes with ``model`` and write or return the table of predictions (:func:`histoseq.tl.predict`)."""
+    import pandas as pd
+
+    if into_table and not inplace:
+        raise ValueError("`into_table=True` writes into the measured table; it needs `inplace=True`.")
+    added: list[tuple[str, str]] = []
+    try:
+        tkey, shapes = _target(sdata, table_key, shapes_key, image_key, spacing_um, added)
+        measured = shapes is None or tkey == table_key
+        key = key_added or (DEFAULT_KEY if measured else f"{shapes}_{DEFAULT_KEY}")
+        if inplace:
+            check_prediction_key(sdata, key, tkey, overwrite=overwrite)
+        table = sdata.tables[tkey]
+        rows = select_rows(table.n_obs, table.obs_names, spots)
+        if shapes is not None:  # the table's rows of those shapes only
+            region_key = table_keys(table)[1]
+            rows = rows[table.obs[region_key].astype(str).to_numpy()[rows] == shapes]
+        if rows.size == 0:
+            raise ValueError("`spots` selects no spot." if spots is not None else f"Table {tkey!r} has no rows.")
+        pred, extra, missing_what = _model_inputs(sdata, model, tkey, rows, tta=tta, device=device, progress=progress)
+        table = sdata.tables[tkey]  # an embedding computed on the way replaced it on a backed object
+        n_nan = int(np.isnan(pred).all(axis=1).sum())
+        if n_nan:
+            logger.warning("%d spot(s) have no %s; their predictions are NaN.", n_nan, missing_what)
+        info = prediction_record(model, n_spots=len(rows), source_table=tkey, **extra)
+        out = prediction_table(table, rows, pred, list(model.genes), key, info)
+    except BaseException:
+        _undo(sdata, added)
+        raise
     if not inplace:
-        return new_table()
-    if has_genes:
-        layer = np.full(table.shape, np.nan, dtype=np.float32)
-        layer[np.ix_(rows, table.var_names.get_indexer(model.genes))] = pred
-        table.layers[key_added] = layer
-        table.uns[key_added] = info
+        _undo(sdata, added)
+        return out
+    for kind, element_key in added:
+        store_element(sdata, kind, element_key)
+    if into_table:
+        frame = pd.DataFrame(np.nan, index=table.obs_names, columns=list(model.genes), dtype=np.float32)
+        frame.iloc[rows] = pred
+        table.obsm[key] = frame
         store_element(sdata, "tables", tkey)
-        logger.info(
-            "Predicted %d genes for %d spots: added layer %r of table %r.", pred.shape[1], len(rows), key_added, tkey
-        )
-        return None
-    if key_added == tkey:
-        raise ValueError(
-            f"Table {tkey!r} lacks some of the model's genes, so the predictions go to a new table; `key_added` "
-            f"must differ from {tkey!r}."
-        )
-    from spatialdata.models import TableModel
-
-    regions, region_key, instance_key = table_keys(table)
-    out = new_table()
-    used = [r for r in regions if r in set(out.obs[region_key].astype(str))]
-    out.obs[region_key] = pd.Categorical(out.obs[region_key].astype(str), categories=used)
-    out.uns.pop("spatialdata_attrs", None)
-    region = used[0] if len(used) == 1 else used
-    parsed = TableModel.parse(out, region=region, region_key=region_key, instance_key=instance_key)
-    store_element(sdata, "tables", key_added, parsed)
+    store_element(sdata, "tables", key, out)
     logger.info(
-        "Table %r lacks %d of the model's genes: added table %r with predictions of %d genes for %d spots.",
-        tkey,
-        sum(g not in table.var_names for g in model.genes),
-        key_added,
+        "Predicted %d genes for %d %s: added table %r annotating %s.",
         pred.shape[1],
         len(rows),
+        "shapes" if shapes is not None else "spots",
+        key,
+        shapes or f"the regions of table {tkey!r}",
     )
     return None
+
+
+def is_prediction_table(table: Any, key: str) -> bool:
+    """Whether table ``key`` holds predictions written by histoseq (it records a model in ``uns[key]``)."""
+    info = table.uns.get(key)
+    return isinstance(info, dict) and "method" in info and "genes" in info
+
+
+def check_prediction_key(sdata: SpatialData, key: str, tkey: str, *, overwrite: bool) -> None:
+    """Refuse a ``key_added`` that would replace the user's element, or predictions without ``overwrite``."""
+    if key == tkey:
+        raise ValueError(f"`key_added` must differ from the table of the spots ({tkey!r}).")
+    if key in sdata.tables:
+        if not is_prediction_table(sdata.tables[key], key):
+            raise ValueError(f"Table {key!r} exists and was not written by hs.tl.predict; choose another `key_added`.")
+        if not overwrite:
+            raise ValueError(f"Table {key!r} holds predictions already; pass `overwrite=True` to replace them.")
+    if any(key in getattr(sdata, kind) for kind in ("images", "labels", "points", "shapes")):
+        raise ValueError(f"An element {key!r} exists; choose another `key_added`.")
+
+
+def read_predictions(sdata: Any, table_key: str | None, key: str) -> tuple[str | None, Any, np.ndarray, dict]:
+    """Predictions ``key`` aligned with the rows of the measured table: ``(tkey, table, pred (n_obs, genes), info)``.
+
+    ``key`` names a table of predictions (what :func:`predict_table` writes; rows matched by ``obs_names``,
+    rows it lacks are NaN), a DataFrame in ``obsm`` (``into_table=True``), or a layer (written by histoseq
+    before 0.4, or by :func:`histoseq.tl.cross_validate`).
+    """
+    import anndata as ad
+
+    if isinstance(sdata, ad.AnnData):
+        tkey, table, tables = None, sdata, {}
+    else:
+        tkey, table = get_table(sdata, table_key)
+        tables = sdata.tables
+    if key in tables and key != tkey:
+        pt = tables[key]
+        info = pt.uns.get(key)
+        if not isinstance(info, dict) or "genes" not in info:
+            raise ValueError(f"Table {key!r} is not a table of predictions (no `uns[{key!r}]['genes']`).")
+        pos = pt.obs_names.get_indexer(table.obs_names)
+        if (pos < 0).all():
+            raise ValueError(
+                f"Table {key!r} predicts other spots than table {tkey!r} (a grid or an H&E-only slide?): there is "
+                "no measured expression to evaluate it against."
+            )
+        X = np.asarray(pt.X.toarray() if hasattr(pt.X, "toarray") else pt.X, dtype=np.float64)
+        pred = np.full((table.n_obs, pt.n_vars), np.nan)
+        pred[pos >= 0] = X[pos[pos >= 0]]
+        cols = pt.var_names.get_indexer([str(g) for g in info["genes"]])
+        return tkey, table, pred[:, cols], info
+    info = table.uns.get(key)
+    if key in table.obsm and hasattr(table.obsm[key], "columns"):
+        frame = table.obsm[key]
+        genes = [str(g) for g in (info or {}).get("genes", list(frame.columns))]
+        return tkey, table, frame[genes].to_numpy(np.float64), info or {}
+    if key in table.layers:
+        if not isinstance(info, dict) or "genes" not in info:
+            raise ValueError(f"`uns[{key!r}]` must record the predicted `genes` (as histoseq writes them).")
+        cols = table.var_names.get_indexer([str(g) for g in info["genes"]])
+        if (cols < 0).any():
+            raise KeyError(f"Genes of `uns[{key!r}]['genes']` are not in the table.")
+        return tkey, table, np.asarray(table.layers[key][:, cols], dtype=np.float64), info
+    raise KeyError(
+        f"No predictions {key!r}: no such table (tables: {sorted(tables)}), nor a DataFrame in `obsm` or a layer of "
+        "the measured table. Write predictions first with `hs.tl.predict(sdata, model)`."
+    )
