@@ -16,7 +16,9 @@ see nothing of the held-out section. Frozen encoders (hand-crafted morphology, I
 from the data, so their embeddings are computed once for all spots.
 
 A row ``method:encoder`` fits ``hs.tl.fit(method=...)`` on that encoder's embedding with the
-library's defaults (``encoder_a+encoder_b``: both embeddings as one, ``hs.tl.fit(embedding=[a, b])``).
+library's defaults (``encoder_a+encoder_b``: both embeddings as one, ``hs.tl.fit(embedding=[a, b])``;
+``cnn:<network>`` trains that network end to end; ``attention:<encoder>`` regresses from bags of tiles around
+each spot, each tile embedded by that frozen encoder).
 Suffixes change one default (ablations): ``:rank`` and ``:standardise`` normalise the embedding within each
 section (``section_norm="rank"`` / ``"standardise"``; the default reads it as it is), ``:raw-targets``
 (``target_neighbors=1``: the kernel trains on the raw targets, never on targets averaged over expression
@@ -107,6 +109,7 @@ DEFAULT_ROWS = (
     f"mlp:{DEFAULT_ENCODER}",
     f"contrastive:{DEFAULT_ENCODER}",
     "cnn:small_cnn",
+    "attention:morphology",
     "ridge_hest:imagenet",
     "ridge_hest:morphology_context",
     "control:shuffled",
@@ -330,6 +333,9 @@ def run_row(row: str, sdata, fold_key: str, test_group: str, settings: Settings,
         embedding = None
         kwargs.update(encoder=encoder, patch_size_um=224.0, patch_px=settings.patch_px_cnn)
         kwargs["max_epochs"] = settings.cnn_epochs
+    elif method == "attention":  # bags of tiles, each embedded by the frozen encoder
+        embedding = None
+        kwargs.update(encoder=encoder, max_epochs=settings.mlp_epochs)
     elif encoder in PRETRAINED:
         embedding = _embed_pretrained(sdata, encoder, train_sections, settings, tmp)
     else:  # "a+b": the embeddings a and b as one (hs.tl.fit with a list of keys)
