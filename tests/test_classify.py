@@ -181,6 +181,7 @@ def test_logistic_method_reads_a_one_hot_matrix_and_returns_probabilities():
 # --------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_classifier_beats_the_majority_class_and_shuffled_labels_on_a_held_out_section(sdata, clf, classified):
     assert clf.classes == ["TUM1", "STRO1", "tissue", "background"] and clf.features == "morphology"
     assert clf.provenance["train_groups"] == {"section0": 41, "section1": 39}
@@ -329,6 +330,7 @@ def test_fit_classifier_refuses_bad_labels(sdata):
         hs.tl.fit_classifier(sdata, **{**OPTS, "patch_sizes_um": (56, 56)})
 
 
+@pytest.mark.slow
 def test_fit_classifier_takes_a_list_and_a_concatenated_ensemble(sdata):
     n = sdata.tables["table"].n_obs
     train = np.zeros(2 * n, dtype=bool)
@@ -342,6 +344,7 @@ def test_fit_classifier_takes_a_list_and_a_concatenated_ensemble(sdata):
     assert clf.predict_proba(sdata, spots=[0, 1, 2]).shape == (3, 4)
 
 
+@pytest.mark.slow
 def test_a_single_channel_image_is_classified_with_intensity_features(sdata):
     from spatialdata import SpatialData
     from spatialdata.models import Image2DModel

@@ -62,6 +62,7 @@ def test_scores_plot_of_a_cross_validation_spans_the_folds(tmp_path):
         hs.pl.scores([1, 2])
 
 
+@pytest.mark.slow
 def test_expression_plot_draws_measured_beside_predicted_on_one_scale():
     import matplotlib.pyplot as plt
     from matplotlib.collections import EllipseCollection, PolyCollection

@@ -42,6 +42,7 @@ def test_embed_on_shapes_without_a_table_makes_their_table():
     np.testing.assert_allclose(out, table.obsm["X_morphology"], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_predict_an_image_only_slide_in_one_call(model, tmp_path):
     slide = image_only()
     path = tmp_path / "slide.zarr"
@@ -69,6 +70,7 @@ def test_predict_an_image_only_slide_in_one_call(model, tmp_path):
     np.testing.assert_allclose(slide.tables["again"].X, pred.X)
 
 
+@pytest.mark.slow
 def test_a_failed_or_returned_prediction_leaves_the_slide_as_it_was(model):
     slide = image_only()
     before = (sorted(slide.shapes), sorted(slide.tables))
@@ -93,6 +95,7 @@ def test_a_failed_or_returned_prediction_leaves_the_slide_as_it_was(model):
     assert (sorted(slide.shapes), sorted(slide.tables)) == before
 
 
+@pytest.mark.slow
 def test_predict_the_shapes_of_a_measured_table_by_region(model):
     sdata = hs.datasets.synthetic(n_sections=2, section_size_um=700, random_state=3, progress=False)
     hs.tl.predict(sdata, model, shapes_key="section1_spots", progress=False)

@@ -168,6 +168,15 @@ def fit(
       with weights ``softmax(similarity / temperature)`` (``weighting="softmax"``) or equally
       (``"mean"``). The training spots' projections and transformed expression are stored in the model.
       See :mod:`histoseq.tl.methods._contrastive`.
+    - ``"attention"``: interpretable regression from bags of tiles (Graziani et al.; gated attention pooling of
+      Ilse et al., 2018). The ``region_um`` µm (default 128) around each spot is cut into tiles of ``tile_um``
+      µm (default 32: 16 tiles) at ``tile_px`` px, each tile embedded by a frozen ``encoder`` (default
+      ``"morphology"``, or any network of :func:`histoseq.tl.list_encoders`), stain-normalised as in
+      :func:`histoseq.tl.embed`. One gated attention branch per gene pools the tiles before a linear read-out per
+      gene; trained like the MLP (standardised targets, MSE plus ``attention_penalty`` times the spread of the
+      attention scores within a bag, AdamW, early stopping on a training section). Where a gene's signal comes
+      from: :func:`histoseq.tl.attention_maps` and :func:`histoseq.tl.hotspots`. Needs SpatialData (the images).
+      See :mod:`histoseq.tl.methods._attention`.
 
     Parameters
     ----------
@@ -178,7 +187,9 @@ def fit(
         Gene names, or a number ``n`` of genes to select with :func:`histoseq.tl.select_genes` on the
         training spots (``min_spot_fraction``, ``hvg_flavor``).
     method
-        ``"kernel"``, ``"ridge"``, ``"ridge_hest"``, ``"mlp"``, ``"cnn"`` or ``"contrastive"``.
+        ``"kernel"``, ``"ridge"``, ``"ridge_hest"``, ``"mlp"``, ``"cnn"``, ``"contrastive"`` or ``"attention"`` (or a
+        registered method, :func:`histoseq.tl.methods.list_methods`; classification methods go to
+        :func:`histoseq.tl.fit_classifier`).
     embedding
         Key of the embedding in ``obsm`` (not used by ``"cnn"``), or several keys (a list, or joined by
         ``"+"``) read as one concatenated embedding, e.g. ``["X_morphology_context", "X_imagenet"]``: the
@@ -227,7 +238,9 @@ def fit(
         (kernel and ridge); ``n_components`` (ridge, ``ridge_hest``); ``n_hidden``, ``n_layers``, ``dropout``
         (MLP, cnn); ``encoder``, ``weights``, ``patch_size_um``, ``patch_px``, ``encoder_lr``, ``flips``,
         ``stain_jitter``, ``stain_norm``, ``tta`` (cnn); ``n_proj``, ``dropout``, ``temperature``, ``k``, ``weighting``
-        (contrastive); and ``lr``, ``weight_decay``, ``batch_size``, ``patience``, ``val_groups``,
+        (contrastive); ``encoder``, ``region_um``, ``tile_um``, ``tile_px``, ``stain_norm``, ``n_hidden``,
+        ``n_attention``, ``dropout``, ``attention_penalty`` (attention); and ``lr``, ``weight_decay``, ``batch_size``,
+        ``patience``, ``val_groups``,
         ``val_fraction``, ``trainer_kwargs`` (all networks).
 
     Returns

@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 
 
 class ExpressionModel:
-    """A trained map from spot embeddings (or, for ``method="cnn"``, the spots' patches) to gene expression.
+    """A trained map from spot embeddings (or the image around each spot: ``"cnn"``, ``"attention"``) to expression.
 
     Made by :func:`histoseq.tl.fit`; applied by :meth:`predict` (or :func:`histoseq.tl.predict`);
     written to one file by :meth:`save` and read back by :meth:`load` (or :func:`histoseq.tl.load_model`).
@@ -40,7 +40,7 @@ class ExpressionModel:
     Attributes
     ----------
     method
-        ``"kernel"``, ``"ridge"``, ``"ridge_hest"``, ``"mlp"``, ``"cnn"`` or ``"contrastive"``.
+        A method of :func:`histoseq.tl.methods.list_methods` (``"kernel"``, ``"ridge"``, ``"cnn"``, ...).
     genes
         The genes it predicts, in order.
     target_transform
@@ -94,7 +94,7 @@ class ExpressionModel:
     # -- properties ----------------------------------------------------------------------------------
     @property
     def method(self) -> str:
-        """``"kernel"``, ``"ridge"``, ``"ridge_hest"``, ``"mlp"``, ``"cnn"`` or ``"contrastive"``."""
+        """The method's name (``"kernel"``, ``"ridge"``, ``"mlp"``, ``"cnn"``, ``"attention"``, ...)."""
         return self._method
 
     @property
