@@ -78,6 +78,7 @@ def test_mob_one_fold_every_kind_of_row(bench, mob_dir, tmp_path, monkeypatch):
     assert bench.SPLITS == {"development": ("her2st",), "confirmation": ("mob",)}
 
 
+@pytest.mark.slow
 def test_a_row_option_must_be_known(bench, mob_dir, tmp_path):
     sdata, fold_key, groups = bench.load("mob", mob_dir.parent, bench.Settings(max_spots=20))
     with pytest.raises(ValueError, match="raw-targets"):

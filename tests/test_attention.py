@@ -120,6 +120,7 @@ def test_options_are_checked_before_any_work():
         fit(patch_px=64)
 
 
+@pytest.mark.slow
 def test_fit_predict_save_load(small, tmp_path):
     sdata, model = small
     assert model.method == "attention" and model.uses_images and model.embedding is None
@@ -142,6 +143,7 @@ def test_fit_predict_save_load(small, tmp_path):
     np.testing.assert_array_equal(again.X, predicted.X)
 
 
+@pytest.mark.slow
 def test_a_network_encoder_is_rebuilt_from_its_seed(tmp_path):
     sdata = hs.datasets.synthetic(n_sections=2, section_size_um=500, progress=False)
     model = hs.tl.fit(sdata, genes=2, method="attention", encoder="small_cnn", max_epochs=1, n_hidden=4, progress=False)

@@ -75,6 +75,7 @@ def test_morphology_writes_obsm_and_uns(sdata):
     assert t.uns["morphology"]["n_spots"] == t.n_obs
 
 
+@pytest.mark.slow
 def test_inplace_false_writes_nothing(sdata):
     before = snapshot(sdata)
     x = hs.tl.embed(sdata, encoder="small_cnn", patch_px=32, inplace=False, progress=False)
@@ -399,6 +400,7 @@ def test_unknown_encoder_lists_the_available_ones(sdata):
     assert snapshot(sdata) == before
 
 
+@pytest.mark.slow
 def test_several_patch_sizes_concatenate_the_scales(sdata):
     t = sdata.tables["table"]
     hs.tl.embed(sdata, patch_size_um=(64, 128), patch_px=48, progress=False)

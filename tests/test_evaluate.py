@@ -267,6 +267,7 @@ def test_cross_validate_key_added_and_mlp(sdata):
     np.testing.assert_allclose(per_section.loc[folds.index], folds, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_cross_validate_refuses_donor_leakage(sdata):
     before = snapshot(sdata)
     with pytest.raises(ValueError, match="donor"):

@@ -278,6 +278,7 @@ def test_predict_writes_a_table_of_predictions(sdata, ridge_model):
     assert np.isfinite(frame.to_numpy()[test]).all() and np.isnan(frame.to_numpy()[~test]).all()
 
 
+@pytest.mark.slow
 def test_the_prediction_table_is_ready_for_scanpy_and_squidpy(sdata, ridge_model):
     import scanpy as sc
     import squidpy as sq
@@ -366,6 +367,7 @@ def test_fit_errors_name_the_fix(base, sdata):
     assert snapshot(sdata)[:-1] == before[:-1]
 
 
+@pytest.mark.slow
 def test_fit_on_several_spatialdata_objects(base):
     table = base.tables["table"]
     parts = []
@@ -524,6 +526,7 @@ def test_fit_computes_a_missing_embedding_and_cleans_up_on_failure(base):
     assert other.tables["table"].obsm["X_tiny"].shape == (table.n_obs, 128)
 
 
+@pytest.mark.slow
 def test_default_embedding_is_the_context_morphology_read_as_it_is():
     from histoseq.tl._inputs import DEFAULT_EMBEDDING, EMBEDDING_PRESETS
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
@@ -48,12 +49,14 @@ def _quiet_detection() -> Iterator[None]:
         sd_logger.setLevel(level)
 
 
-def _tissue_mask(sdata: SpatialData, image_key: str, max_pixels: int, method: str) -> tuple[np.ndarray, int]:
-    """Boolean tissue mask at a coarse pyramid level, and that level.
+def _tissue_mask(sdata: SpatialData, image_key: str, max_pixels: int, method: str) -> tuple[np.ndarray, int, int]:
+    """Boolean tissue mask at a coarse pyramid level, that level, and the stride read from it.
 
     :func:`squidpy.experimental.im.detect_tissue` does the detection. Called on the whole element it
     upsamples its mask to full resolution (1.6 GB of labels for a 40,000² px slide), so it runs here on a
-    temporary single-level image holding only the coarse level, and the mask stays small.
+    temporary single-level image holding only the coarse level, and the mask stays small. When even the coarsest
+    level has more than ``max_pixels`` pixels (a pyramid with few levels), every ``stride``-th pixel of it is read:
+    mask pixel ``(i, j)`` covers level pixels ``[i * stride, (i + 1) * stride)``.
     """
     from spatialdata import SpatialData as SD
     from spatialdata.models import Image2DModel
@@ -64,7 +67,8 @@ def _tissue_mask(sdata: SpatialData, image_key: str, max_pixels: int, method: st
     small = levels[lvl]
     if small.sizes["c"] not in (1, 3, 4):
         raise ValueError(f"Image {image_key!r} has {small.sizes['c']} channels; tissue detection needs RGB or gray.")
-    arr = np.asarray(small.data)[:3]
+    stride = max(1, math.ceil(math.sqrt(small.sizes["y"] * small.sizes["x"] / max_pixels)))
+    arr = np.asarray(small.data[:3, ::stride, ::stride])
     tmp = SD(images={"coarse": Image2DModel.parse(arr, dims=("c", "y", "x"))})
     with _quiet_detection():
         labels = sq_detect(tmp, "coarse", method=method, inplace=False)
@@ -79,7 +83,7 @@ def _tissue_mask(sdata: SpatialData, image_key: str, max_pixels: int, method: st
             f"No tissue found in image {image_key!r}: the image looks blank. Check that it is the H&E scan, or pass "
             "`tissue=False` to tile the whole image."
         )
-    return mask, lvl
+    return mask, lvl, stride
 
 
 def detect_tissue(
@@ -128,9 +132,13 @@ def detect_tissue(
     from spatialdata.models import Labels2DModel
 
     image_key = resolve_image_key(sdata, image_key)
-    mask, lvl = _tissue_mask(sdata, image_key, max_pixels, method)
+    from spatialdata.transformations import Scale, Sequence
+
+    mask, lvl, stride = _tissue_mask(sdata, image_key, max_pixels, method)
     level = image_levels(sdata.images[image_key])[lvl]
-    labels = Labels2DModel.parse(mask.astype(np.uint8), dims=("y", "x"), transformations=transformations(level))
+    to_level = Scale([stride, stride], axes=("y", "x"))
+    place = {cs: t if stride == 1 else Sequence([to_level, t]) for cs, t in transformations(level).items()}
+    labels = Labels2DModel.parse(mask.astype(np.uint8), dims=("y", "x"), transformations=place)
     if not inplace:
         return labels
     key = key_added or f"{image_key}_tissue"
@@ -226,7 +234,7 @@ def make_grid(
             mask_da = image_levels(mask_da)[0] if not hasattr(mask_da, "sizes") else mask_da
             mask = np.asarray(mask_da.data) > 0
         else:
-            mask, _ = _tissue_mask(sdata, image_key, _MAX_DETECTION_PX, "otsu")
+            mask, _, _ = _tissue_mask(sdata, image_key, _MAX_DETECTION_PX, "otsu")
         fraction = _box_fraction(mask, gx, gy, half, (h, w))
     keep = fraction >= min_tissue_fraction
     if not keep.any():

@@ -254,7 +254,7 @@ def estimate_stain(
 
     tmp = SD(images={"image": Image2DModel.parse(rgb, dims=("c", "y", "x"))})
     try:
-        tissue, _ = _tissue_mask(tmp, "image", rgb.shape[1] * rgb.shape[2], "otsu")
+        tissue, _, _ = _tissue_mask(tmp, "image", rgb.shape[1] * rgb.shape[2], "otsu")
     except ValueError as err:
         raise ValueError(f"No tissue found in image {image_key!r} to estimate its stain from. " + _SKIP) from err
     pixels = rgb[:, tissue]  # (3, n)

@@ -70,7 +70,7 @@ def tissue_geometry(sdata: SpatialData, image_key: str, method: str = "otsu") ->
 
     ref = image_ref(sdata, image_key)
     try:
-        mask, level = _tissue_mask(sdata, image_key, MAX_MASK_PIXELS, method)
+        mask, level, step = _tissue_mask(sdata, image_key, MAX_MASK_PIXELS, method)
     except ValueError as err:
         if "No tissue found" not in str(err):
             raise
@@ -81,7 +81,9 @@ def tissue_geometry(sdata: SpatialData, image_key: str, method: str = "otsu") ->
     mask = ndi.binary_fill_holes(ndi.binary_opening(mask, iterations=2))
     labels, n = ndi.label(mask)
     sizes = np.bincount(labels.ravel(), minlength=n + 1)[1:]
-    gray = np.asarray(image_levels(sdata.images[image_key])[level].data, dtype=np.float32)[:3].mean(axis=0)
+    gray = np.asarray(image_levels(sdata.images[image_key])[level].data[:3, ::step, ::step], dtype=np.float32).mean(
+        axis=0
+    )
     # tissue is darker than glass in bright field, brighter than the background in fluorescence
     contrast = abs(float(gray[~mask].mean() - gray[mask].mean())) if 0 < mask.sum() < mask.size else 0.0
     if sizes.sum() == 0 or contrast < MIN_CONTRAST:
@@ -92,7 +94,7 @@ def tissue_geometry(sdata: SpatialData, image_key: str, method: str = "otsu") ->
         )
     keep = np.flatnonzero(sizes >= MIN_PIECE_FRACTION * sizes.sum()) + 1
     mask = np.isin(labels, keep)
-    dy, dx = ref.level_downsample(level)
+    dy, dx = (step * d for d in ref.level_downsample(level))
     # the mask's pixel (i, j) covers [i, i + 1) at its level: its centre is at i + 0.5
     yy, xx = np.nonzero(mask)
     points = np.column_stack([(xx + 0.5) * dx, (yy + 0.5) * dy])  # level-0 (x, y)
