@@ -487,15 +487,21 @@ def resolve_regions(
 def store_element(sdata: SpatialData, kind: str, key: str, element: Any = None) -> None:
     """Put ``element`` (or the already modified element ``key``) in ``sdata.<kind>``, and on disk when backed.
 
-    spatialdata refuses to overwrite an element on disk, so a backed element is deleted there first.
+    spatialdata refuses to overwrite an element on disk, so a backed element is deleted there first. zarr's
+    notice of a future default (autosharding), printed once per array written, is hushed: nothing a user of
+    histoseq can act on.
     """
+    import warnings
+
     if element is not None:
         getattr(sdata, kind)[key] = element
     if sdata.is_backed():
         paths = sdata.elements_paths_on_disk()
         if key in paths or f"{kind}/{key}" in paths:
             sdata.delete_element_from_disk(key)
-        sdata.write_element(key)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*autosharding.*", category=UserWarning)
+            sdata.write_element(key)
 
 
 def annotating_tables(sdata: SpatialData, shapes_key: str) -> list[str]:
