@@ -94,7 +94,6 @@ def test_expression_plot_draws_measured_beside_predicted_on_one_scale():
     np.testing.assert_allclose(np.asarray(measured), expect, rtol=1e-5)
     plt.close(fig)
     # a grid: prediction only, tiles drawn as squares
-    hs.tl.predict(sdata, model, shapes_key="section1_spots", key_added="again", progress=False)
     with pytest.raises(KeyError, match="not predicted"):
         hs.pl.expression(sdata, "NOISE1", section="section1", show=False)
     t2 = hs.datasets.synthetic(n_sections=1, section_size_um=700, random_state=9, progress=False)

@@ -6,34 +6,17 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .._sdata import affine_xy, image_levels, resolve_image_key, shared_coordinate_systems, transformations
+from .._sdata import affine_xy, resolve_image_key, shared_coordinate_systems, transformations
 from ..tl._attention import top_tiles
+from ._classes import _coarse_image
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
     from spatialdata import SpatialData
 
-#: Most pixels of the H&E level drawn under the map (a coarse level of a big slide, never level 0 of it).
-MAX_BACKGROUND_PX = 2_000_000
-
-
-def _background(sdata: SpatialData, image_key: str) -> tuple[np.ndarray, tuple[float, float, float, float]]:
-    """A coarse RGB level of the image (strided when even the coarsest is large) and its extent in level-0 px."""
-    levels = image_levels(sdata.images[image_key])
-    k = next((i for i, lvl in enumerate(levels) if lvl.sizes["y"] * lvl.sizes["x"] <= MAX_BACKGROUND_PX), None)
-    k = len(levels) - 1 if k is None else k
-    level = levels[k]
-    stride = max(1, int(np.ceil(np.sqrt(level.sizes["y"] * level.sizes["x"] / MAX_BACKGROUND_PX))))
-    data = level.data[:3, ::stride, ::stride]
-    rgb = np.moveaxis(np.asarray(data.compute() if hasattr(data, "compute") else data), 0, -1)
-    # the level's pixels in level-0 pixels, from the levels' transformations
-    t0, tk = transformations(levels[0]), transformations(level)
-    common = sorted(set(t0) & set(tk))
-    to0 = np.linalg.inv(affine_xy(t0[common[0]])) @ affine_xy(tk[common[0]]) if common and k else np.eye(3)
-    sx, sy = to0[0, 0] * stride, to0[1, 1] * stride
-    h, w = rgb.shape[:2]
-    return rgb, (to0[0, 2], to0[0, 2] + w * sx, to0[1, 2] + h * sy, to0[1, 2])
+#: Longest side in pixels of the H&E drawn under the map (a coarse level of a big slide, never level 0 of it).
+MAX_BACKGROUND_SIDE = 1500
 
 
 def attention(
@@ -122,8 +105,8 @@ def attention(
         fig, ax = plt.subplots(figsize=(6.5, 6))
     else:
         fig = ax.figure
-    rgb, bg_extent = _background(sdata, image_key)
-    ax.imshow(rgb, extent=bg_extent, interpolation="antialiased")
+    rgb, bg_extent = _coarse_image(sdata, image_key, MAX_BACKGROUND_SIDE)
+    ax.imshow(rgb[..., :3] if rgb.shape[-1] >= 3 else rgb[..., 0], extent=bg_extent, cmap="gray")
     layer = ax.imshow(
         np.ma.masked_invalid(values), extent=extent, cmap=cmap, alpha=alpha, interpolation="nearest", zorder=2
     )
