@@ -370,8 +370,13 @@ def resolve_image_key(sdata: SpatialData, image_key: str | None) -> str:
     raise ValueError(f"Several images found: {sorted(keys)}. Choose one with `image_key=...`.")
 
 
-def centers_in_image(sdata: SpatialData, shapes_key: str, image_key: str) -> tuple[np.ndarray, np.ndarray | None]:
-    """Centres (and radii) of a shapes element in level-0 pixels of an image, via a shared coordinate system."""
+def centers_in_image(
+    sdata: SpatialData, shapes_key: str, image_key: str, *, as_size: bool = False
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Centres (and radii) of a shapes element in level-0 pixels of an image, via a shared coordinate system.
+
+    With ``as_size``, polygons get a radius too: half the side of the square of the same area.
+    """
     shapes = sdata.shapes[shapes_key]
     image = sdata.images[image_key]
     common = shared_coordinate_systems(shapes, image)
@@ -384,6 +389,9 @@ def centers_in_image(sdata: SpatialData, shapes_key: str, image_key: str) -> tup
     cs = common[0]
     to_image = np.linalg.inv(affine_xy(transformations(image)[cs])) @ affine_xy(transformations(shapes)[cs])
     xy, radius = _shape_centers(shapes)
+    if radius is None and not (shapes.geometry.geom_type == "Point").all():
+        # polygons: the side of the square of the same area, in the shapes' units (a grid tile's side)
+        radius = np.sqrt(np.abs(shapes.geometry.area.to_numpy(dtype=float))) / 2 if as_size else None
     xy_img = xy @ to_image[:2, :2].T + to_image[:2, 2]
     if radius is not None:
         radius = radius * pixel_size_from_affine(to_image)[0]
@@ -482,6 +490,24 @@ def resolve_regions(
     ref = image_ref(sdata, img_key, pixel_size_um=pixel_size_um)
     radius = None if radius is None else radius[rows]
     return [Region(key, ref, centers[rows], rows, names[rows], radius, np.arange(len(rows)))]
+
+
+def shape_sizes_um(sdata: SpatialData, table_key: str, rows: np.ndarray) -> np.ndarray:
+    """Size in µm of the shapes of table rows ``rows``: a circle's diameter, a polygon's side (√area).
+
+    NaN where a shape has no size (points). The image of each region gives the µm scale.
+    """
+    _, table = get_table(sdata, table_key)
+    instance_key = table_keys(table)[2]
+    rows = np.asarray(rows, dtype=int)
+    out = np.full(len(rows), np.nan)
+    for reg in resolve_regions(sdata, table_key=table_key, spots=rows):
+        _, radius = centers_in_image(sdata, reg.shapes_key, reg.image.key, as_size=True)
+        if radius is None:
+            continue
+        pos = sdata.shapes[reg.shapes_key].index.get_indexer(table.obs[instance_key].to_numpy()[reg.rows])
+        out[reg.order] = 2 * radius[pos] * reg.image.pixel_size_um
+    return out
 
 
 def store_element(sdata: SpatialData, kind: str, key: str, element: Any = None) -> None:

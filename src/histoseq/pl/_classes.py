@@ -109,6 +109,27 @@ def _labels_overlay(sdata: SpatialData, labels_key: str, image_key: str, colours
     return rgba, (m[0, 2], m[0, 2] + m[0, 0] * w, m[1, 2] + m[1, 1] * h, m[1, 2])
 
 
+def _shape_artists(sdata: SpatialData, region: str, image_key: str, instances: np.ndarray, values: np.ndarray):
+    """A collection of the shapes ``instances`` of ``region`` in level-0 pixels of the image, coloured by ``values``."""
+    from matplotlib.collections import EllipseCollection, PolyCollection
+
+    shapes = sdata.shapes[region].loc[instances]
+    cs = shared_coordinate_systems(shapes, sdata.images[image_key])
+    if not cs:
+        raise ValueError(f"Shapes {region!r} share no coordinate system with image {image_key!r}.")
+    m = np.linalg.inv(affine_xy(transformations(sdata.images[image_key])[cs[0]])) @ affine_xy(
+        transformations(sdata.shapes[region])[cs[0]]
+    )
+    geom = shapes.geometry
+    if (geom.geom_type == "Point").all():
+        xy = np.column_stack([geom.x, geom.y]) @ m[:2, :2].T + m[:2, 2]
+        radius = shapes["radius"].to_numpy(float) if "radius" in shapes else np.full(len(shapes), 1.0)
+        d = 2 * radius * float(np.sqrt(abs(np.linalg.det(m[:2, :2]))))
+        return EllipseCollection(d, d, np.zeros(len(d)), units="xy", offsets=xy, array=values)
+    polys = [np.asarray(g.exterior.coords) @ m[:2, :2].T + m[:2, 2] for g in geom]
+    return PolyCollection(polys, array=values, edgecolors="none")
+
+
 def classes(
     sdata: SpatialData,
     truth: str | None = "expression_class",
@@ -195,6 +216,7 @@ def classes(
     _, _, instance_key = table_keys(table)
     pos = shapes.index.get_indexer(table.obs[instance_key].to_numpy()[rows])
     xy = centres[pos]
+    polygons = radius is None and not (shapes.geometry.geom_type == "Point").all()
     r = radius[pos] if radius is not None else np.full(len(pos), 0.45 * median_nn_distance(centres))
     names = list(dict.fromkeys(c for col in columns for c in _categories(table.obs[col])))
     if labels_key is None and f"{image_key}_{pred}" in sdata.labels:
@@ -215,10 +237,14 @@ def classes(
         values = table.obs[col].astype(object).to_numpy()[rows]
         known = np.array([v is not None and v == v for v in values])  # NaN: no class, not drawn
         face = [colours[str(v)] for v in values[known]]
-        spots = EllipseCollection(
-            2 * r[known], 2 * r[known], np.zeros(int(known.sum())), units="xy", offsets=xy[known],
-            offset_transform=ax.transData, facecolors=face, edgecolors="k", linewidths=0.3,
-        )  # fmt: skip
+        if polygons:  # grid tiles: drawn as the squares they are
+            spots = _shape_artists(sdata, region, image_key, shapes.index[pos[known]], None)
+            spots.set_facecolors(face)
+        else:
+            spots = EllipseCollection(
+                2 * r[known], 2 * r[known], np.zeros(int(known.sum())), units="xy", offsets=xy[known],
+                offset_transform=ax.transData, facecolors=face, edgecolors="k", linewidths=0.3,
+            )  # fmt: skip
         ax.add_collection(spots)
         ax.set_xlim(extent[0], extent[1])
         ax.set_ylim(extent[2], extent[3])

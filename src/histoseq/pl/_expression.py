@@ -8,33 +8,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .._sdata import affine_xy, get_table, pick_image, shared_coordinate_systems, table_keys, transformations
-from ._classes import _coarse_image, _section
+from .._sdata import get_table, pick_image, table_keys
+from ._classes import _coarse_image, _section, _shape_artists
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
     from spatialdata import SpatialData
-
-
-def _shape_artists(sdata: SpatialData, region: str, image_key: str, instances: np.ndarray, values: np.ndarray):
-    """A collection of the shapes ``instances`` of ``region`` in level-0 pixels of the image, coloured by ``values``."""
-    from matplotlib.collections import EllipseCollection, PolyCollection
-
-    shapes = sdata.shapes[region].loc[instances]
-    cs = shared_coordinate_systems(shapes, sdata.images[image_key])
-    if not cs:
-        raise ValueError(f"Shapes {region!r} share no coordinate system with image {image_key!r}.")
-    m = np.linalg.inv(affine_xy(transformations(sdata.images[image_key])[cs[0]])) @ affine_xy(
-        transformations(sdata.shapes[region])[cs[0]]
-    )
-    geom = shapes.geometry
-    if (geom.geom_type == "Point").all():
-        xy = np.column_stack([geom.x, geom.y]) @ m[:2, :2].T + m[:2, 2]
-        radius = shapes["radius"].to_numpy(float) if "radius" in shapes else np.full(len(shapes), 1.0)
-        d = 2 * radius * float(np.sqrt(abs(np.linalg.det(m[:2, :2]))))
-        return EllipseCollection(d, d, np.zeros(len(d)), units="xy", offsets=xy, array=values)
-    polys = [np.asarray(g.exterior.coords) @ m[:2, :2].T + m[:2, 2] for g in geom]
-    return PolyCollection(polys, array=values, edgecolors="none")
 
 
 def _measured(table: Any, genes: list[str], rows: np.ndarray, transform: str | None) -> np.ndarray:

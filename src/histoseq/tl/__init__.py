@@ -27,6 +27,7 @@ _TOOLS = {
     "load_classifier": "._classifier",
     "attention_maps": "._attention",
     "hotspots": "._attention",
+    "expression_map": "._maps",
 }
 __all__ = sorted([*_TOOLS, "methods"])
 

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from ._data import TARGET_TRANSFORMS, TargetTransform, embedding_key, embedding_params
-from ._inputs import DEFAULT_EMBEDDING, EMBEDDING_PRESETS, ensure_embeddings, undo_embeddings
+from ._inputs import DEFAULT_EMBEDDING, EMBEDDING_PRESETS, ensure_embeddings, spot_diameter_um, undo_embeddings
 from ._model import ExpressionModel, load_model
 from ._prediction import predict_table
 from ._sections import section_norm_mode
@@ -292,6 +292,8 @@ def fit(
             )
         if embed_kwargs is not None:
             logger.warning("`embed_kwargs` is not used by `method=%r`, which reads the %s.", method, impl.reads)
+        if impl.needs_spot_size:
+            method_kwargs = impl.resolve_options(method_kwargs, spot_um=spot_diameter_um(objects, table_key))
         added = []
     try:
         data, table, source = training_set(

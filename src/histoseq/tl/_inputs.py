@@ -6,7 +6,8 @@
   the fit fails;
 - :func:`prediction_embedding`: a model's embedding of a table's spots, computed with the model's encoder
   when absent;
-- :func:`spot_patches` and :func:`training_patches`: the patches that image methods read.
+- :func:`spot_patches` and :func:`training_patches`: the patches that image methods read;
+- :func:`spot_diameter_um`: the size of the training spots (for methods whose tiles follow it).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .._sdata import get_table, store_element
+from .._sdata import get_table, shape_sizes_um, store_element
 from ..pp._stain import stain_norm_mode
 from ._data import embedding_matrix, embedding_name, embedding_params, embedding_parts, missing_embedding_error
 from ._embed import embed, list_encoders
@@ -274,6 +275,20 @@ def _normalise_stains(
         patches.images[sel] = normalize_stain(patches.images[sel], stains[key], amount=amount)
         images.setdefault(key, {})["stain"] = stains[key]
     params["images"] = images
+
+
+def spot_diameter_um(objects: list[Any], table_key: str | None) -> float | None:
+    """The median size in µm of the spots of the tables of ``objects`` (diameter of a circle, side of a square).
+
+    ``None`` when the shapes have no size (points).
+    """
+    sizes = []
+    for obj in objects:
+        tkey, table = get_table(obj, table_key)
+        sizes.append(shape_sizes_um(obj, tkey, np.arange(table.n_obs)))
+    values = np.concatenate(sizes) if sizes else np.zeros(0)
+    values = values[np.isfinite(values)]
+    return float(np.median(values)) if len(values) else None
 
 
 def training_patches(

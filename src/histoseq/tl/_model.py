@@ -103,6 +103,11 @@ class ExpressionModel:
         return self._impl.reads != "embedding"
 
     @property
+    def patches_follow_shapes(self) -> bool:
+        """Whether the patches it predicts from follow the size of the shapes (``"superres"``: their tiles)."""
+        return self._impl.patches_follow_shapes
+
+    @property
     def genes(self) -> list[str]:
         """The genes the model predicts, in the order of its outputs."""
         return list(self._genes)
@@ -261,6 +266,8 @@ class ExpressionModel:
         images = np.asarray(images)
         c = self._fitted.config
         px = int(c["patch_px"])
+        if self._impl.patches_follow_shapes and images.ndim == 4:
+            px = images.shape[1]  # the method checks the size (the tiles that make up a shape)
         if images.ndim != 4 or images.shape[1:3] != (px, px) or images.shape[3] < 3 or images.dtype != np.uint8:
             raise ValueError(
                 f"The model reads ({px}, {px}, 3) uint8 patches of {c['patch_size_um']} µm; got "
@@ -272,6 +279,19 @@ class ExpressionModel:
             self._fitted, self._get_predictor(), images, tta=tta, batch_size=batch_size, device=device
         )
         return pred.astype(np.float32)
+
+    def patch_options(self, size_um: float | None = None) -> dict[str, Any]:
+        """``patch_size_um``, ``patch_px`` and ``stain_norm`` of the patches to predict shapes of ``size_um`` µm.
+
+        The training patches for most image methods; a ``"superres"`` model cuts the tiles that make up the
+        shape (one tile for a grid cell of its ``tile_um``).
+        """
+        if not self.uses_images:
+            raise TypeError(f"A {self._method!r} model reads embeddings, not patches.")
+        out = dict(self._impl.prediction_patches(self._fitted, size_um))
+        # models saved before stain normalisation read the patches as scanned
+        out["stain_norm"] = self._fitted.config.get("stain_norm", False)
+        return out
 
     def prediction_info(self, **options: Any) -> dict[str, Any]:
         """What a prediction with ``options`` (e.g. ``tta``) records beside the genes (the patch size, ...)."""

@@ -14,7 +14,15 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .._sdata import annotating_tables, get_table, select_rows, shapes_table, store_element, table_keys
+from .._sdata import (
+    annotating_tables,
+    get_table,
+    select_rows,
+    shape_sizes_um,
+    shapes_table,
+    store_element,
+    table_keys,
+)
 from ._data import section_labels
 from ._inputs import prediction_embedding, spot_patches
 
@@ -74,16 +82,11 @@ def prediction_table(
 def _model_inputs(sdata, model, tkey, rows, *, tta, device, progress) -> tuple[np.ndarray, dict[str, Any], str]:
     """The model's predictions for rows ``rows`` of table ``tkey``, what they record, and what a NaN row lacks."""
     if model.uses_images:
-        c = model.config
-        images, found, _ = spot_patches(
-            sdata,
-            tkey,
-            rows,
-            patch_size_um=c["patch_size_um"],
-            patch_px=c["patch_px"],
-            stain_norm=c.get("stain_norm", False),  # models saved before stain normalisation: as scanned
-            progress=progress,
-        )
+        size = None
+        if model.patches_follow_shapes:  # the patch is made of the tiles that cover a shape
+            sizes = shape_sizes_um(sdata, tkey, rows)
+            size = float(np.nanmedian(sizes)) if np.isfinite(sizes).any() else None
+        images, found, _ = spot_patches(sdata, tkey, rows, **model.patch_options(size), progress=progress)
         pred = np.full((len(rows), len(model.genes)), np.nan, dtype=np.float32)
         pred[found] = model.predict_patches(images[found], tta=tta, device=device)
         return pred, model.prediction_info(tta=tta), "patch (centre outside the image)"

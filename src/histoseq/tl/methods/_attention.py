@@ -27,7 +27,6 @@ slide: :func:`histoseq.tl.attention_maps` turns the scores into maps of the atte
 from __future__ import annotations
 
 import logging
-import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -36,8 +35,8 @@ import numpy as np
 
 from ..._utils import standardise, training_seed, unpack_state
 from ...pp._stain import stain_norm_mode
-from .._embed import _ALIASES, ENCODERS, MorphologyEncoder, TorchRunner, get_encoder
 from .._network_fit import NETWORK_OPTIONS, NetworkOptions, fit_network
+from .._tiles import TileEncoder, encoder_name, probe_tile, rebuild_encoder
 from ._base import ExpressionMethod, Fitted, standardised
 
 if TYPE_CHECKING:
@@ -48,26 +47,6 @@ logger = logging.getLogger(__name__)
 DEFAULT_REGION_UM = 128.0
 DEFAULT_TILE_UM = 32.0
 DEFAULT_TILE_PX = 32
-#: Encoders that do not embed image tiles.
-NO_TILES = ("tissue_position",)
-#: Tiles per batch of the encoder.
-TILE_BATCH = 1024
-
-
-def encoder_name(encoder: Any) -> str:
-    """The registry name of ``encoder`` (aliases resolved); a clear error for anything that cannot embed tiles."""
-    if not isinstance(encoder, str):
-        raise TypeError(
-            "`encoder` of `method='attention'` must be the name of a built-in encoder (e.g. 'morphology', "
-            f"'small_cnn'), so that the saved model can rebuild it; got {type(encoder).__name__}."
-        )
-    low = _ALIASES.get(encoder.strip().lower(), encoder.strip().lower())
-    if low not in ENCODERS or low in NO_TILES:
-        raise ValueError(
-            f"Unknown encoder {encoder!r} for `method='attention'`; choose one of "
-            f"{sorted(set(ENCODERS) - set(NO_TILES) - set(_ALIASES))}."
-        )
-    return low
 
 
 def tile_grid(region_um: Any, tile_um: Any) -> int:
@@ -124,54 +103,6 @@ def split_tiles(images: np.ndarray, grid: int) -> np.ndarray:
     px = h // grid
     tiles = images[..., :3].reshape(n, grid, px, grid, px, 3).transpose(0, 1, 3, 2, 4, 5)
     return np.ascontiguousarray(tiles.reshape(n * grid * grid, px, px, 3))
-
-
-def probe_tile(tile_px: int) -> np.ndarray:
-    """A fixed H&E-like test tile ``(1, tile_px, tile_px, 3)``: what a rebuilt encoder must embed as before."""
-    y, x = np.mgrid[0:tile_px, 0:tile_px] / max(tile_px - 1, 1)
-    dots = (np.sin(9 * x) * np.sin(7 * y) > 0.5).astype(float)
-    r = 230 - 60 * x - 90 * dots
-    g = 200 - 120 * y * x - 130 * dots
-    b = 220 - 40 * y - 50 * dots
-    return np.clip(np.stack([r, g, b], axis=-1), 0, 255).astype(np.uint8)[None]
-
-
-@dataclass
-class TileEncoder:
-    """A fixed encoder of uint8 tiles: ``encoder(tiles) -> (n, D)`` float32, in batches of :data:`TILE_BATCH`."""
-
-    name: str
-    model: Any
-    kind: str
-    um_per_px: float
-
-    @classmethod
-    def build(cls, name: str, tile_um: float, tile_px: int, seed: int) -> TileEncoder:
-        """The encoder ``name`` (a network random-initialised with ``seed``) for tiles of ``tile_um`` µm."""
-        if name == "morphology":
-            return cls(name, MorphologyEncoder(), "numpy", float(tile_um) / int(tile_px))
-        _, model, kind = get_encoder(name, random_state=seed)
-        return cls(name, model, kind, float(tile_um) / int(tile_px))
-
-    def __call__(self, tiles: np.ndarray, *, progress: bool = False) -> np.ndarray:
-        """Embeddings ``(n, D)`` (float32) of ``(n, px, px, 3)`` uint8 tiles."""
-        from tqdm.auto import tqdm
-
-        parts = []
-        with tqdm(total=len(tiles), desc=f"tiles ({self.name})", unit="tile", disable=not progress) as bar:
-            if self.kind == "numpy":
-                for start in range(0, len(tiles), TILE_BATCH):
-                    parts.append(np.asarray(self.model(tiles[start : start + TILE_BATCH], self.um_per_px)))
-                    bar.update(len(parts[-1]))
-            else:
-                # float32 on every device, so that a model predicts with the features it was trained on
-                with TorchRunner(self.model, "cpu", autocast=False, builtin=True) as runner:
-                    for start in range(0, len(tiles), TILE_BATCH):
-                        parts.append(runner(tiles[start : start + TILE_BATCH]))
-                        bar.update(len(parts[-1]))
-        if not parts:
-            return np.zeros((0, 0), dtype=np.float32)
-        return np.concatenate(parts).astype(np.float32)
 
 
 @dataclass
@@ -335,16 +266,7 @@ class AttentionMethod(ExpressionMethod):
         from ...models._attention import GatedAttentionRegressor
 
         c, a = fitted.config, fitted.arrays
-        encoder = TileEncoder.build(c["encoder"], c["tile_um"], c["tile_px"], c["encoder_seed"])
-        probe = encoder(probe_tile(c["tile_px"]))[0]
-        drift = np.abs(probe - a["encoder_probe"]) / a["scaler_scale"] if probe.shape == a["encoder_probe"].shape else 1
-        if np.max(drift) > 1e-3:
-            warnings.warn(
-                f"The encoder {c['encoder']!r} rebuilt here embeds a test tile differently from the one the model "
-                "was trained with (another torch or histoseq version?); its predictions may be off.",
-                UserWarning,
-                stacklevel=2,
-            )
+        encoder = rebuild_encoder(c, a["encoder_probe"], a["scaler_scale"])
         net = GatedAttentionRegressor(
             fitted.n_features,
             len(a["target_mean"]),

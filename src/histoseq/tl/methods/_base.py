@@ -71,6 +71,11 @@ class ExpressionMethod:
         The keyword options its :meth:`fit` takes.
     arrays
         The arrays every fitted state of it holds (checked when a model is made or loaded).
+    needs_spot_size
+        Whether :meth:`resolve_options` is given the training spots' diameter.
+    patches_follow_shapes
+        Whether the patches it predicts from depend on the size of the shapes predicted
+        (:meth:`prediction_patches`).
 
     """
 
@@ -81,6 +86,10 @@ class ExpressionMethod:
     network: ClassVar[bool] = False
     options: ClassVar[frozenset[str]] = frozenset()
     arrays: ClassVar[tuple[str, ...]] = ()
+    #: Whether :meth:`resolve_options` needs the size of the training spots, and whether the patches it predicts
+    #: from may differ in size from its training patches (:meth:`prediction_patches`).
+    needs_spot_size: ClassVar[bool] = False
+    patches_follow_shapes: ClassVar[bool] = False
 
     def check_options(self, options: Mapping[str, Any]) -> None:
         """Refuse unknown options (and, in methods that can, bad values) before any work is done."""
@@ -91,6 +100,20 @@ class ExpressionMethod:
     def patch_options(self, options: Mapping[str, Any]) -> dict[str, Any]:
         """``patch_size_um``, ``patch_px`` and ``stain_norm`` of the patches a method that reads patches trains on."""
         raise TypeError(f"Method {self.name!r} reads {self.reads}, not patches.")
+
+    def resolve_options(self, options: Mapping[str, Any], *, spot_um: float | None = None) -> dict[str, Any]:
+        """Options with the defaults that depend on the data filled in (``spot_um``: the training spots' size).
+
+        Called before the patches are cut; :attr:`needs_spot_size` says whether ``spot_um`` is measured for it.
+        """
+        return dict(options)
+
+    def prediction_patches(self, fitted: Fitted, size_um: float | None) -> dict[str, Any]:
+        """``patch_size_um`` and ``patch_px`` of the patches to cut around shapes of ``size_um`` µm to predict them.
+
+        By default the training patches, whatever the shapes' size.
+        """
+        return {"patch_size_um": fitted.config["patch_size_um"], "patch_px": fitted.config["patch_px"]}
 
     def fit(self, data: TrainingSet, **options: Any) -> Fitted:
         """Learn from the training spots ``data`` with the method's ``options``."""

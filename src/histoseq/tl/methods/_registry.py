@@ -21,6 +21,7 @@ BUILTIN = {
     "cnn": "._cnn",
     "contrastive": "._contrastive",
     "attention": "._attention",
+    "superres": "._superres",
     "logistic": "._logistic",
 }
 _registered: dict[str, ExpressionMethod] = {}
