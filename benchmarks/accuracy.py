@@ -110,6 +110,7 @@ DEFAULT_ROWS = (
     f"contrastive:{DEFAULT_ENCODER}",
     "cnn:small_cnn",
     "attention:morphology",
+    "superres:morphology",
     "ridge_hest:imagenet",
     "ridge_hest:morphology_context",
     "control:shuffled",
@@ -333,7 +334,7 @@ def run_row(row: str, sdata, fold_key: str, test_group: str, settings: Settings,
         embedding = None
         kwargs.update(encoder=encoder, patch_size_um=224.0, patch_px=settings.patch_px_cnn)
         kwargs["max_epochs"] = settings.cnn_epochs
-    elif method == "attention":  # bags of tiles, each embedded by the frozen encoder
+    elif method in ("attention", "superres"):  # bags of tiles, each embedded by the frozen encoder
         embedding = None
         kwargs.update(encoder=encoder, max_epochs=settings.mlp_epochs)
     elif encoder in PRETRAINED:

@@ -177,6 +177,15 @@ def fit(
       attention scores within a bag, AdamW, early stopping on a training section). Where a gene's signal comes
       from: :func:`histoseq.tl.attention_maps` and :func:`histoseq.tl.hotspots`. Needs SpatialData (the images).
       See :mod:`histoseq.tl.methods._attention`.
+    - ``"superres"``: expression below the spot size (HisToSGE / iStar), learnt by weak supervision. Each training
+      spot is cut into ``n × n`` tiles of ``tile_um`` µm (default about 25 µm, at least 2 × 2 a spot; the spots'
+      diameter ``spot_um`` is measured from their shapes), each tile embedded by a frozen ``encoder`` together
+      with its neighbourhood of ``context_tiles`` tiles around it; a tile network is trained so that the mean of
+      a spot's tile predictions matches the spot (plus ``smoothness`` times the squared differences of
+      neighbouring tiles). Predicted on a grid of ``tile_um`` (``hs.tl.predict(sdata, model, image_key=...,
+      spacing_um=model.config["tile_um"])``) every cell is a tile: the super-resolved map
+      (:func:`histoseq.tl.expression_map` writes it as an image); on spots, the mean of their tiles. Needs
+      SpatialData (the images). See :mod:`histoseq.tl.methods._superres`.
 
     Parameters
     ----------
@@ -187,7 +196,7 @@ def fit(
         Gene names, or a number ``n`` of genes to select with :func:`histoseq.tl.select_genes` on the
         training spots (``min_spot_fraction``, ``hvg_flavor``).
     method
-        ``"kernel"``, ``"ridge"``, ``"ridge_hest"``, ``"mlp"``, ``"cnn"``, ``"contrastive"`` or ``"attention"`` (or a
+        ``"kernel"``, ``"ridge"``, ``"ridge_hest"``, ``"mlp"``, ``"cnn"``, ``"contrastive"``, ``"attention"`` or ``"superres"`` (or a
         registered method, :func:`histoseq.tl.methods.list_methods`; classification methods go to
         :func:`histoseq.tl.fit_classifier`).
     embedding
@@ -239,7 +248,8 @@ def fit(
         (MLP, cnn); ``encoder``, ``weights``, ``patch_size_um``, ``patch_px``, ``encoder_lr``, ``flips``,
         ``stain_jitter``, ``stain_norm``, ``tta`` (cnn); ``n_proj``, ``dropout``, ``temperature``, ``k``, ``weighting``
         (contrastive); ``encoder``, ``region_um``, ``tile_um``, ``tile_px``, ``stain_norm``, ``n_hidden``,
-        ``n_attention``, ``dropout``, ``attention_penalty`` (attention); and ``lr``, ``weight_decay``, ``batch_size``,
+        ``n_attention``, ``dropout``, ``attention_penalty`` (attention); ``encoder``, ``spot_um``, ``tile_um``,
+        ``tile_px``, ``context_tiles``, ``stain_norm``, ``n_hidden``, ``dropout``, ``smoothness`` (superres); and ``lr``, ``weight_decay``, ``batch_size``,
         ``patience``, ``val_groups``,
         ``val_fraction``, ``trainer_kwargs`` (all networks).
 
@@ -400,8 +410,8 @@ def predict(
 
     The model's inputs are read as it was trained: the embedding ``obsm[model.embedding]`` of those rows, computed
     with the model's encoder when absent (and kept in their table; an embedding made by another encoder is
-    refused), or, for models that read images (``"cnn"``, ``"attention"``), the patches around the shapes, cut
-    and stain-normalised as in training (``"cnn"``: averaged over the 8 turns and flips unless ``tta=False``).
+    refused), or, for models that read images (``"cnn"``, ``"attention"``, ``"superres"``), the patches around the
+    shapes, cut and stain-normalised as in training (``"superres"``: the tiles that make up each shape) (``"cnn"``: averaged over the 8 turns and flips unless ``tta=False``).
     Shapes whose centre lies outside their image, or whose embedding is not finite, get NaN.
 
     Parameters
