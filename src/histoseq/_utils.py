@@ -104,3 +104,17 @@ def unpack_state(arrays: Mapping[str, np.ndarray]) -> dict[str, Any]:
 
     n = len(STATE_PREFIX)
     return {k[n:]: torch.from_numpy(np.array(v)) for k, v in arrays.items() if k.startswith(STATE_PREFIX)}
+
+
+def squidpy_image_tools() -> Any:
+    """``squidpy.experimental.im``, imported without the docstring helper's notices.
+
+    squidpy's docstring templates make ``docrep`` emit ``SyntaxWarning: '...' is not a valid key!`` on first
+    import: nothing a user of histoseq can act on, so it is hushed here, for this import only.
+    """
+    import importlib
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is not a valid key", category=SyntaxWarning)
+        return importlib.import_module("squidpy.experimental.im")

@@ -60,7 +60,10 @@ def _tissue_mask(sdata: SpatialData, image_key: str, max_pixels: int, method: st
     """
     from spatialdata import SpatialData as SD
     from spatialdata.models import Image2DModel
-    from squidpy.experimental.im import detect_tissue as sq_detect
+
+    from .._utils import squidpy_image_tools
+
+    sq_detect = squidpy_image_tools().detect_tissue
 
     levels = image_levels(sdata.images[image_key])
     lvl = _detection_level(levels, max_pixels)

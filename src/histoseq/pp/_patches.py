@@ -83,6 +83,7 @@ def _plan(
     level: int | Literal["auto"],
 ) -> list[_Plan]:
     plans = []
+    coarse: dict[str, float] = {}
     target = patch_size_um / patch_px
     for reg in regions:
         ref = reg.image
@@ -117,13 +118,15 @@ def _plan(
         bx0, bx1, by0, by1 = win.bounds()
         border = (bx0 < 0) | (by0 < 0) | (bx1 > lw) | (by1 > lh)
         if ref.pixel_size_um * dx > target * 1.5:
-            logger.warning(
-                "Image %r is coarser (%.2f µm/px) than the patches (%.2f µm/px): patches are upsampled.",
-                ref.key,
-                ref.pixel_size_um * dx,
-                target,
-            )
+            coarse[ref.key] = ref.pixel_size_um * dx
         plans.append(_Plan(reg, lvl, win, keep, border, target))
+    if coarse:  # one line per call, however many images
+        logger.warning(
+            "%s coarser (%s µm/px) than the patches (%.2f µm/px): patches are upsampled.",
+            f"Image {next(iter(coarse))!r} is" if len(coarse) == 1 else f"{len(coarse)} images are",
+            "/".join(f"{v:.2f}" for v in sorted(set(coarse.values()))),
+            target,
+        )
     return plans
 
 

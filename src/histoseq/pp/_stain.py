@@ -117,7 +117,11 @@ def _fit_vectors(pixels: np.ndarray, white_point: np.ndarray, alpha: float, imag
     """
     from spatialdata import SpatialData as SD
     from spatialdata.models import Image2DModel, Labels2DModel
-    from squidpy.experimental.im import MacenkoParams, fit_stain_reference
+
+    from .._utils import squidpy_image_tools
+
+    sq_im = squidpy_image_tools()
+    MacenkoParams, fit_stain_reference = sq_im.MacenkoParams, sq_im.fit_stain_reference
     from squidpy.experimental.im._stain import StainFittingError
 
     strip = np.ascontiguousarray(pixels)[:, None, :]

@@ -40,14 +40,26 @@ def check_scoring(alpha_scoring: str) -> None:
 
 
 def warn_at_edge(alpha: float, alphas: np.ndarray) -> None:
-    """Warn when the penalty chosen by cross-validation lies at the edge of its grid."""
-    if len(alphas) > 1 and alpha in (alphas[0], alphas[-1]):
-        logger.warning(
-            "The penalty chosen by cross-validation (alpha=%g) lies at the edge of the grid [%g, %g]; pass a "
-            "wider `alphas=`.",
+    """Say when the penalty chosen by cross-validation lies at the edge of its grid.
+
+    At the smallest penalty the fit is nearly unpenalised: a smaller one changes little, so this is information,
+    not a warning (widening the grid only moves the choice to the new edge). At the largest, the model shrinks
+    towards the training mean: the features explain little of the targets, which deserves a warning.
+    """
+    if len(alphas) < 2 or alpha not in (alphas[0], alphas[-1]):
+        return
+    if alpha == alphas[0]:
+        logger.info(
+            "The penalty chosen by cross-validation is the smallest tried (alpha=%g): the fit is nearly "
+            "unpenalised; `alphas=` with smaller values would change it little.",
             alpha,
-            alphas[0],
-            alphas[-1],
+        )
+    else:
+        logger.warning(
+            "The penalty chosen by cross-validation is the largest tried (alpha=%g): the predictions shrink "
+            "towards the training mean, so the embedding explains little of these genes. Check the genes and "
+            "the embedding, or pass larger `alphas=` to confirm.",
+            alpha,
         )
 
 
