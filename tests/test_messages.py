@@ -6,6 +6,8 @@ import logging
 import subprocess
 import sys
 
+import numpy as np
+
 import histoseq as hs
 from histoseq.tl._linalg import DEFAULT_ALPHAS, warn_at_edge
 
@@ -44,3 +46,14 @@ def test_stain_estimation_does_not_print_squidpy_docstring_notices():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "is not a valid key" not in out.stderr, out.stderr
+
+
+def test_network_training_prints_no_lightning_banner(capfd):
+    """With a progress bar, Lightning's device lines and tips still stay out of the user's output."""
+    sdata = hs.datasets.synthetic(n_sections=2, section_size_um=400, progress=False)
+    table = sdata.tables["table"]
+    table.obsm["X_demo"] = np.random.default_rng(0).normal(size=(table.n_obs, 4))
+    hs.tl.fit(sdata, genes=2, embedding="X_demo", method="mlp", max_epochs=1, progress=True)
+    out = capfd.readouterr()
+    text = out.out + out.err
+    assert "GPU available" not in text and "Tip" not in text and "TPU" not in text, text

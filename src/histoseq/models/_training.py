@@ -42,8 +42,11 @@ def quiet_loggers(names: Sequence[str]) -> Iterator[None]:
 
 @contextmanager
 def quiet_training(progress: bool, extra_loggers: Sequence[str] = ()) -> Iterator[None]:
-    """Lightning's routine warnings silenced; its log lines (and ``extra_loggers``) too unless ``progress``."""
-    names = [] if progress else [*LIGHTNING_LOGGERS, *extra_loggers]
+    """Lightning's routine warnings and start-up lines (devices, tips) hushed; ``extra_loggers`` unless ``progress``.
+
+    The progress bar, when asked for, is the Trainer's own (``enable_progress_bar``), not a log line.
+    """
+    names = [*LIGHTNING_LOGGERS] if progress else [*LIGHTNING_LOGGERS, *extra_loggers]
     with warnings.catch_warnings(), quiet_loggers(names):
         for message in _ROUTINE_WARNINGS:
             warnings.filterwarnings("ignore", message=message)
