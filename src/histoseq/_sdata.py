@@ -513,21 +513,53 @@ def shape_sizes_um(sdata: SpatialData, table_key: str, rows: np.ndarray) -> np.n
 def store_element(sdata: SpatialData, kind: str, key: str, element: Any = None) -> None:
     """Put ``element`` (or the already modified element ``key``) in ``sdata.<kind>``, and on disk when backed.
 
-    spatialdata refuses to overwrite an element on disk, so a backed element is deleted there first. zarr's
-    notice of a future default (autosharding), printed once per array written, is hushed: nothing a user of
-    histoseq can act on.
+    The write is atomic per element: the element is first written completely into a temporary SpatialData store
+    beside the user's (``<store>.histoseq-write-<pid>``), and only then moved into the store in place of the
+    old one (two renames on the same file system). A write that fails (an ``uns`` value the format cannot hold,
+    a full disk, an interrupted process) leaves the store as it was, and, when ``element`` was given, the
+    in-memory object too. zarr's notice of a future default (autosharding), printed once per array written, is
+    hushed: nothing a user of histoseq can act on.
     """
+    import os
+    import shutil
     import warnings
+    from pathlib import Path
 
+    from spatialdata import SpatialData as SD
+
+    elements = getattr(sdata, kind)
+    had, old = key in elements, elements.get(key)
     if element is not None:
-        getattr(sdata, kind)[key] = element
-    if sdata.is_backed():
-        paths = sdata.elements_paths_on_disk()
-        if key in paths or f"{kind}/{key}" in paths:
-            sdata.delete_element_from_disk(key)
+        elements[key] = element
+    if not sdata.is_backed():
+        return
+    store = Path(sdata.path)
+    scratch = store.with_name(f"{store.name}.histoseq-write-{os.getpid()}")
+    shutil.rmtree(scratch, ignore_errors=True)
+    try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*autosharding.*", category=UserWarning)
-            sdata.write_element(key)
+            warnings.filterwarnings("ignore", message=".*annotat.*", category=UserWarning)  # regions not in scratch
+            SD(**{kind: {key: elements[key]}}).write(scratch)
+    except BaseException:
+        shutil.rmtree(scratch, ignore_errors=True)
+        if element is not None:  # the in-memory object as it was
+            if had:
+                elements[key] = old
+            else:
+                elements.pop(key, None)
+        raise
+    folder = store / kind
+    if not folder.exists():  # the first element of its kind: the group comes along
+        os.replace(scratch / kind, folder)
+    else:
+        target = folder / key
+        if target.exists():
+            os.replace(target, scratch / "previous")
+        os.replace(scratch / kind / key, target)
+    shutil.rmtree(scratch, ignore_errors=True)
+    if sdata.has_consolidated_metadata():
+        sdata.write_consolidated_metadata()
 
 
 def annotating_tables(sdata: SpatialData, shapes_key: str) -> list[str]:
