@@ -53,3 +53,205 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     }
     assert set(compare) == {"X_morphology_context", "X_morphology", "X_ssl"}
     assert all(learnable > others + 0.2 for learnable, others in compare.values())
+
+
+# --------------------------------------------------------------------------------------------------
+# the pipeline commands: fit, predict, evaluate, embed
+# --------------------------------------------------------------------------------------------------
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*autosharding:UserWarning")  # zarr's notice, on writing stores
+
+#: what tqdm draws: a bar, or its rate
+PROGRESS_MARKS = ("%|", "█", "it/s", "patch/s")
+
+
+def histoseq(*args, check_rc: int | None = 0) -> subprocess.CompletedProcess:
+    """Run ``python -m histoseq._cli *args`` and check its exit status."""
+    res = subprocess.run(
+        [sys.executable, "-m", "histoseq._cli", *map(str, args)], capture_output=True, text=True, timeout=300
+    )
+    if check_rc is not None:
+        assert res.returncode == check_rc, f"exit {res.returncode}\nstdout:\n{res.stdout}\nstderr:\n{res.stderr}"
+    return res
+
+
+def listing(store) -> list[str]:
+    return sorted(str(p.relative_to(store)) for p in store.rglob("*"))
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cli") / "s.zarr"
+    hs.datasets.synthetic(n_sections=2, section_size_um=600, progress=False).write(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def embedded(store):
+    """``histoseq embed`` (with progress bars: not quiet) of the spots, as the first step of a pipeline."""
+    return histoseq("embed", store, "--encoder", "morphology", "--patch-px", "32", "--key-added", "morph32")
+
+
+@pytest.fixture(scope="module")
+def model(store, embedded):
+    path = store.parent / "model.pt"
+    res = histoseq("fit", store, "-o", path, "--genes", "4", "--method", "ridge", "--option", "embedding=X_morph32")
+    return path, res
+
+
+@pytest.fixture(scope="module")
+def predicted(store, model):
+    return histoseq("predict", model[0], store)
+
+
+def test_version_and_help_are_quick_and_complete():
+    assert histoseq("--version").stdout.strip() == f"histoseq {hs.__version__}"
+    for command in ("fit", "predict", "evaluate", "embed"):
+        out = histoseq(command, "--help").stdout
+        assert "example:" in out and f"histoseq {command} " in out.split("example:")[1]
+        assert "--quiet" in out and "--debug" in out
+
+
+def test_embed_writes_the_embedding_into_the_store(store, embedded):
+    import spatialdata as sd
+
+    assert "X_morph32" in sd.read_zarr(store).tables["table"].obsm
+    assert "obsm['X_morph32']" in embedded.stdout and str(store) in embedded.stdout
+    assert any(mark in embedded.stderr for mark in PROGRESS_MARKS)  # not quiet: progress bars, on stderr only
+    assert not any(mark in embedded.stdout for mark in PROGRESS_MARKS)
+
+
+def test_fit_writes_a_model_and_refuses_to_overwrite_it(store, model):
+    path, res = model
+    fitted = hs.tl.load_model(path)
+    assert fitted.method == "ridge" and len(fitted.genes) == 4 and fitted.embedding == "X_morph32"
+    assert f"Wrote model {path}" in res.stdout
+    again = histoseq("fit", store, "-o", path, "--genes", "4", "--method", "ridge", check_rc=2)
+    assert again.stderr.startswith("histoseq fit: error:") and "--overwrite" in again.stderr
+    assert "Traceback" not in again.stderr
+    assert hs.tl.load_model(path).genes == fitted.genes
+
+
+def test_predict_writes_a_table_of_the_models_genes(store, model, predicted):
+    import spatialdata as sd
+
+    back = sd.read_zarr(store)
+    assert list(back.tables["predicted"].var_names) == hs.tl.load_model(model[0]).genes
+    assert back.tables["predicted"].n_obs == back.tables["table"].n_obs
+    assert "added table 'predicted'" in predicted.stdout
+
+
+def test_predict_on_a_grid_quietly(store, model):
+    import spatialdata as sd
+
+    res = histoseq("--quiet", "predict", model[0], store, "--grid-um", "100", "--image", "section0_image")
+    back = sd.read_zarr(store)
+    assert "section0_image_grid" in back.shapes
+    grid = back.tables["section0_image_grid_predicted"]
+    assert grid.n_obs == len(back.shapes["section0_image_grid"]) and grid.n_vars == 4
+    assert "section0_image_grid_predicted" in res.stdout  # the summary names every element written
+    assert not any(mark in res.stderr for mark in PROGRESS_MARKS)
+    assert "Predicted" not in res.stderr  # the library's INFO lines are hushed too
+
+
+def test_evaluate_writes_scores(store, predicted, tmp_path):
+    import pandas as pd
+
+    csv = tmp_path / "scores.csv"
+    res = histoseq("evaluate", store, "--table", "predicted", "-o", csv, "--spots-of", "section1", "--quiet")
+    scores = pd.read_csv(csv)
+    assert "pearson" in scores.columns and set(scores["section"]) == {"section1", "all"}
+    assert "section1" in res.stdout and "mean Pearson" in res.stdout and f"Wrote scores {csv}" in res.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "fix"),
+    [
+        (["fit", "{missing}", "-o", "{tmp}/m.pt"], "No SpatialData store"),
+        (["fit", "{store}", "-o", "{tmp}/m.pt", "--method", "nope"], "choose one of"),
+        (["fit", "{store}", "-o", "{tmp}/m.pt", "--genes", "DENS1,DENS9X", "--method", "ridge"], "'DENS9X'"),
+        (["predict", "{model}", "{store}", "--grid-um", "100", "--image", "nope"], "section0_image"),
+        (["predict", "{model}", "{store}", "--overwrite", "--image", "section0_image"], "--grid-um"),
+    ],
+    ids=["missing-store", "unknown-method", "unknown-gene", "bad-image", "image-without-grid"],
+)
+def test_bad_input_exits_2_with_the_fix_and_leaves_the_store(store, model, tmp_path, args, fix):
+    before = listing(store)
+    fields = {"store": store, "model": model[0], "tmp": tmp_path, "missing": tmp_path / "missing.zarr"}
+    res = histoseq(*[a.format(**fields) for a in args], check_rc=2)
+    assert res.stderr.startswith(f"histoseq {args[0]}: error: ")
+    assert fix in res.stderr and "Traceback" not in res.stderr
+    assert listing(store) == before
+    assert not (tmp_path / "m.pt").exists()
+
+
+def test_usage_errors_and_failures_exit_codes(monkeypatch, capsys):
+    from histoseq import _commands
+
+    with pytest.raises(SystemExit) as exc:
+        main(["fit", "s.zarr", "-o", "m.pt", "--option", "no-equals-sign"])
+    assert exc.value.code == 2
+    assert "KEY=VALUE" in capsys.readouterr().err
+
+    def broken(args, out):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setitem(_commands.COMMANDS, "embed", broken)
+    assert main(["embed", "s.zarr"]) == 1
+    err = capsys.readouterr().err
+    assert "disk on fire" in err and "--debug" in err
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        main(["--debug", "embed", "s.zarr"])
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        main(["embed", "s.zarr", "--debug"])
+
+
+def test_global_flags_go_before_or_after_the_command():
+    from histoseq._cli import _build_parser
+
+    parser = _build_parser()
+    assert parser.parse_args(["--quiet", "embed", "s.zarr"]).quiet
+    assert parser.parse_args(["embed", "s.zarr", "--quiet"]).quiet
+    assert not parser.parse_args(["embed", "s.zarr"]).quiet
+    assert parser.parse_args(["--quiet", "demo"]).quiet and parser.parse_args(["demo", "--quiet"]).quiet
+    args = parser.parse_args(["fit", "a.zarr", "b.zarr", "-o", "m.pt", "--genes", "A,B", "--option", "alpha=10"])
+    assert args.stores == ["a.zarr", "b.zarr"] and args.genes == ["A", "B"]
+    assert dict(args.option) == {"alpha": 10}
+    args = parser.parse_args(["fit", "a.zarr", "-o", "m.pt", "--option", "kernel=rbf", "--option", "gammas=[1, 3]"])
+    assert dict(args.option) == {"kernel": "rbf", "gammas": [1, 3]} and args.genes == 50
+
+
+def test_error_messages_name_the_flags():
+    from histoseq._commands import error_message
+
+    err = KeyError("Image 'x' not found. Pass one of them as `image_key`; or `spacing_um=...`.")
+    assert error_message(err, "predict") == "Image 'x' not found. Pass one of them as `--image`; or `--grid-um ...`."
+    assert error_message(ValueError("pass `overwrite=True`"), "predict") == "pass `--overwrite`"
+    assert error_message(ValueError("use `layer`"), "predict") == "use `layer`"
+
+
+def test_a_failed_command_removes_the_elements_it_wrote(store):
+    import geopandas as gpd
+    import spatialdata as sd
+    from shapely.geometry import Point
+    from spatialdata.models import ShapesModel
+
+    from histoseq._commands import keep_store_listing
+
+    before = listing(store)
+    sdata = sd.read_zarr(store)
+    shapes = ShapesModel.parse(gpd.GeoDataFrame(geometry=[Point(1, 1)], data={"radius": [1.0]}))
+    written = []
+
+    def fail_after_writing():
+        with keep_store_listing(sdata):
+            sdata.shapes["half_written"] = shapes
+            sdata.write_element("half_written")
+            written.extend(sdata.elements_paths_on_disk())
+            raise RuntimeError("late failure")
+
+    with pytest.raises(RuntimeError, match="late failure"):
+        fail_after_writing()
+    assert "shapes/half_written" in written
+    assert "shapes/half_written" not in sd.read_zarr(store).elements_paths_on_disk()
+    assert listing(store) == before

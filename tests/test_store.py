@@ -104,3 +104,19 @@ def test_a_process_killed_while_writing_leaves_the_previous_element(store, when)
     assert _fingerprint(store) == before
     back = sd.read_zarr(store)
     assert back.tables["table"].n_obs == 9
+
+
+def test_a_grid_never_replaces_measured_spots_and_replaces_a_grid_only_when_asked():
+    sdata = hs.datasets.synthetic(n_sections=1, section_size_um=400, progress=False)
+    spots = sdata.shapes["section0_spots"]
+    with pytest.raises(ValueError, match="never replaces"):
+        hs.pp.make_grid(sdata, image_key="section0_image", spacing_um=50, key_added="section0_spots")
+    assert sdata.shapes["section0_spots"] is spots
+    with pytest.raises(ValueError, match="exists already"):
+        hs.pp.make_grid(sdata, image_key="section0_image", spacing_um=50, key_added="table")
+    hs.pp.make_grid(sdata, image_key="section0_image", spacing_um=50)
+    n = len(sdata.shapes["section0_image_grid"])
+    with pytest.raises(ValueError, match="overwrite=True"):
+        hs.pp.make_grid(sdata, image_key="section0_image", spacing_um=25)
+    hs.pp.make_grid(sdata, image_key="section0_image", spacing_um=25, overwrite=True)
+    assert len(sdata.shapes["section0_image_grid"]) > n

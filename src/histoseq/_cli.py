@@ -1,11 +1,27 @@
-"""The ``histoseq`` command line: ``histoseq demo`` runs the end-to-end demo on the embedded synthetic data."""
+"""The ``histoseq`` command line.
+
+``histoseq demo`` runs the end-to-end demo on the embedded synthetic data; ``fit``, ``predict``, ``evaluate`` and
+``embed`` are steps for pipelines (Snakemake, Nextflow) on SpatialData zarr stores, implemented in
+:mod:`histoseq._commands`. Arguments are parsed here; the libraries (spatialdata, torch, ``histoseq.tl``) are
+imported only when a command runs, so ``histoseq --help`` and ``histoseq --version`` are quick.
+
+Exit status: 0 on success; 2 for bad input (a usage error, or a ``ValueError``, ``KeyError``, ``TypeError``,
+``FileNotFoundError`` or ``FileExistsError`` from the input; one line on stderr); 1 for any other failure (the
+message, and ``--debug`` shows the traceback).
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import sys
 import time
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 DEMO_HELP = """\
 Run histoseq end to end on its embedded synthetic tissue (no download, no real data needed).
@@ -22,9 +38,129 @@ the model, the pretrained encoder, a figure of patches and the SpatialData (zarr
 """
 
 
+FIT_HELP = """\
+Fit an expression model (hs.tl.fit) on the spots of one or several SpatialData zarr stores and save it to a file.
+
+The genes are the N most variable ones of the training spots (--genes N) or a list (--genes A,B,C). The model
+reads the embedding of each spot (by default the morphology features at three scales, computed and written into
+the store when absent) or, for the methods that read images, the H&E patches. --option KEY=VALUE passes any
+other keyword argument of hs.tl.fit or option of the method (VALUE is read as JSON when it parses, e.g.
+--option alpha=10 --option 'embed_kwargs={"patch_px": 64}' --option embedding=X_morphology).
+"""
+
+PREDICT_HELP = """\
+Predict expression with a saved model (hs.tl.predict) and write the table of predictions into the store.
+
+By default the spots of the measured table are predicted (table --key-added, default "predicted"). --shapes KEY
+predicts any shapes element (e.g. a grid); --grid-um UM with --image KEY lays a grid of UM µm tiles on the tissue
+of an image (an H&E-only slide) and predicts it. When the command fails, the store keeps the elements it had.
+"""
+
+EVALUATE_HELP = """\
+Score predictions against the measured counts (hs.tl.evaluate): Pearson, Spearman, MSE and depth-partial
+Pearson per gene and section. Writes the tidy scores as CSV (-o) and prints the mean Pearson r per section;
+the pooled scores are also written into the measured table of the store (var and uns).
+"""
+
+EMBED_HELP = """\
+Embed the H&E patch around each spot (hs.tl.embed) and write the embedding into the store:
+obsm["X_<key>"] and uns["<key>"] of the table (key: --key-added, default the encoder's name). --shapes KEY embeds
+the shapes of an element that no table annotates (a grid); a table "<KEY>_table" is made for them.
+"""
+
+
+def _example(*lines: str) -> str:
+    return "example:\n" + "\n".join(f"  {line}" for line in lines)
+
+
+def _positive(kind: type) -> Any:
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be positive, got {text!r}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def _names(text: str) -> list[str]:
+    """A comma-separated list of names."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected names separated by commas, got {text!r}")
+    return names
+
+
+def _genes(text: str) -> int | list[str]:
+    """``N`` (a number of genes to select) or ``A,B,C`` (gene names)."""
+    if text.strip().isdigit():
+        n = int(text)
+        if n < 1:
+            raise argparse.ArgumentTypeError("the number of genes must be at least 1")
+        return n
+    return _names(text)
+
+
+def _sizes(text: str) -> list[float]:
+    """One or several positive numbers separated by commas."""
+    return [_positive(float)(v) for v in _names(text)]
+
+
+def _option(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE``; VALUE is JSON when it parses, else a string."""
+    import json
+
+    key, sep, value = text.partition("=")
+    key = key.strip()
+    if not sep or not key.isidentifier():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE (e.g. alpha=10), got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def _global_flags(parser: argparse.ArgumentParser, default: Any) -> None:
+    """Add ``--quiet`` and ``--debug`` to the main parser (``default=False``) or to a command.
+
+    On a command they are not set unless given (``argparse.SUPPRESS``), so that ``histoseq --quiet fit ...`` and
+    ``histoseq fit ... --quiet`` both work.
+    """
+    parser.add_argument(
+        "--quiet", action="store_true", default=default, help="no progress bars, and only warnings and errors"
+    )
+    parser.add_argument(
+        "--debug", action="store_true", default=default, help="show the traceback of an error (re-raise it)"
+    )
+
+
+def _command(sub: Any, name: str, help: str, description: str, example: str) -> argparse.ArgumentParser:
+    parser = sub.add_parser(
+        name,
+        help=help,
+        description=description,
+        epilog=example,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _global_flags(parser, argparse.SUPPRESS)
+    return parser
+
+
 def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="histoseq", description="Learn what tissue morphology says about expression.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    from histoseq import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="histoseq",
+        description="Learn what tissue morphology says about expression.",
+        epilog="Run `histoseq COMMAND --help` for the options of a command.",
+    )
+    parser.add_argument("--version", action="version", version=f"histoseq {__version__}")
+    _global_flags(parser, False)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     demo = sub.add_parser(
         "demo",
         help="end-to-end demo on the embedded synthetic data",
@@ -51,7 +187,116 @@ def _build_parser() -> argparse.ArgumentParser:
         "--pretrain-tiles", type=int, default=512, help="tissue tiles for the pretraining (default: %(default)s)"
     )
     demo.add_argument("--no-write", action="store_true", help="do not write the zarr store and the figure")
-    demo.add_argument("--quiet", action="store_true", help="no progress bars")
+    demo.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
+
+    fit = _command(
+        sub,
+        "fit",
+        "fit an expression model on stores and save it",
+        FIT_HELP,
+        _example(
+            "histoseq fit a.zarr b.zarr -o model.pt --genes 50 --train section0,section1",
+            "histoseq fit a.zarr -o model.pt --genes ERBB2,ESR1 --method ridge --option alpha=100",
+        ),
+    )
+    fit.add_argument("stores", nargs="+", metavar="STORE", help="SpatialData zarr store(s) with spots and counts")
+    fit.add_argument("-o", "--output", required=True, metavar="MODEL", help="model file to write (e.g. model.pt)")
+    fit.add_argument(
+        "--genes",
+        type=_genes,
+        default=50,
+        metavar="N|A,B,C",
+        help="number of genes to select, or gene names separated by commas (default: %(default)s)",
+    )
+    fit.add_argument("--method", default="kernel", help="kernel, ridge, mlp, cnn, ... (default: %(default)s)")
+    fit.add_argument(
+        "--train",
+        type=_names,
+        metavar="S1,S2",
+        help="training sections (values of obs['sample_id'], separated by commas; default: all spots)",
+    )
+    fit.add_argument("--table", default="table", help="the measured table (default: %(default)s)")
+    fit.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    fit.add_argument("--max-epochs", type=_positive(int), help="maximal epochs of the methods that train networks")
+    fit.add_argument(
+        "--option",
+        type=_option,
+        action="append",
+        metavar="KEY=VALUE",
+        help="option of the method or keyword argument of hs.tl.fit (repeatable; VALUE as JSON when it parses)",
+    )
+    fit.add_argument("--overwrite", action="store_true", help="replace an existing model file")
+
+    predict = _command(
+        sub,
+        "predict",
+        "write a table of predictions into a store",
+        PREDICT_HELP,
+        _example(
+            "histoseq predict model.pt sample.zarr --key-added predicted",
+            "histoseq predict model.pt slide.zarr --grid-um 100 --image slide_image",
+        ),
+    )
+    predict.add_argument("model", metavar="MODEL", help="model file written by `histoseq fit`")
+    predict.add_argument("store", metavar="STORE", help="SpatialData zarr store to predict and write into")
+    predict.add_argument(
+        "--key-added", help="name of the table of predictions (default: predicted, or <shapes>_predicted)"
+    )
+    predict.add_argument("--table", default="table", help="the table whose spots are predicted (default: %(default)s)")
+    predict.add_argument("--shapes", metavar="KEY", help="predict the shapes of this element (e.g. a grid)")
+    predict.add_argument("--image", metavar="KEY", help="with --grid-um: the image whose tissue is tiled")
+    predict.add_argument(
+        "--grid-um", type=_positive(float), metavar="UM", help="lay a grid of UM µm tiles on the tissue and predict it"
+    )
+    predict.add_argument("--overwrite", action="store_true", help="replace a table of predictions of the same name")
+
+    evaluate = _command(
+        sub,
+        "evaluate",
+        "score predictions against the measured counts",
+        EVALUATE_HELP,
+        _example("histoseq evaluate sample.zarr --table predicted -o scores.csv --spots-of section2"),
+    )
+    evaluate.add_argument("store", metavar="STORE", help="SpatialData zarr store with predictions and counts")
+    evaluate.add_argument(
+        "--table", default="predicted", help="the table of predictions to score (default: %(default)s)"
+    )
+    evaluate.add_argument("--measured", default="table", help="the measured table (default: %(default)s)")
+    evaluate.add_argument("-o", "--output", metavar="CSV", help="write the scores (one row per section and gene)")
+    evaluate.add_argument(
+        "--spots-of",
+        type=_names,
+        metavar="SECTION",
+        help="score only the spots of these sections (obs['sample_id']; several separated by commas)",
+    )
+    evaluate.add_argument("--overwrite", action="store_true", help="replace an existing CSV file")
+
+    embed = _command(
+        sub,
+        "embed",
+        "write an embedding of the spots into a store",
+        EMBED_HELP,
+        _example("histoseq embed sample.zarr --encoder morphology --patch-size-um 112 --patch-px 224"),
+    )
+    embed.add_argument("store", metavar="STORE", help="SpatialData zarr store with H&E images and spots")
+    embed.add_argument(
+        "--encoder",
+        default="morphology",
+        help="morphology, small_cnn, resnet18, imagenet, tissue_position, timm:<name> (default: %(default)s)",
+    )
+    embed.add_argument("--key-added", help="name of the embedding: obsm['X_<name>'] (default: the encoder's name)")
+    embed.add_argument(
+        "--patch-size-um",
+        type=_sizes,
+        default=[112.0],
+        metavar="UM[,UM...]",
+        help="side of the patch in µm; several (e.g. 224,448,800) are concatenated (default: 112)",
+    )
+    embed.add_argument("--patch-px", type=_positive(int), default=224, help="side of the patch in px (default: 224)")
+    embed.add_argument("--shapes", metavar="KEY", help="embed the shapes of this element (e.g. a grid)")
+    embed.add_argument("--table", default="table", help="the table of the spots (default: %(default)s)")
+    embed.add_argument("--weights", metavar="FILE", help="local state dict of a network encoder")
+    embed.add_argument("--device", default="cpu", help="torch device of network encoders (default: %(default)s)")
     return parser
 
 
@@ -201,19 +446,104 @@ def demo(args: argparse.Namespace) -> int:
     return 0
 
 
+#: Third-party warnings that a user of the command line can do nothing about: docrep's complaints about squidpy's
+#: docstrings, zarr's notice of a future default, deprecations inside the libraries.
+_NOISE = (
+    ("ignore", r".*is not a valid key", SyntaxWarning, ""),
+    ("ignore", r".*autosharding", UserWarning, ""),
+    ("ignore", "", FutureWarning, r"^(?!histoseq)"),
+    ("ignore", "", DeprecationWarning, r"^(?!histoseq)"),
+)
+#: Loggers through which Lightning prints its advertising tips ("💡 Tip: ...").
+_TIP_LOGGERS = (
+    "lightning.pytorch.utilities.rank_zero",
+    "lightning.fabric.utilities.rank_zero",
+    "lightning_utilities.core.rank_zero",
+    "lightning.pytorch",
+    "lightning.fabric",
+)
+
+
+class _NoTips(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Tip:" not in str(record.msg)
+
+
+class _Formatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        msg = record.getMessage()
+        return msg if record.levelno < logging.WARNING else f"histoseq: {record.levelname.lower()}: {msg}"
+
+
+@contextmanager
+def _quiet_libraries(quiet: bool) -> Iterator[None]:
+    """Set up the environment of a command, and restore it after.
+
+    Noisy warnings and Lightning's tips are filtered, the ``histoseq`` logger prints on stderr (INFO, or WARNING
+    with ``--quiet``), and stdout is sent to stderr (the real stdout receives the command's summary only).
+    """
+    logger = logging.getLogger("histoseq")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_Formatter())
+    saved = logger.level, logger.propagate
+    tips = _NoTips()
+    with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr):
+        for action, message, category, module in _NOISE:
+            warnings.filterwarnings(action, message=message, category=category, module=module)
+        logger.addHandler(handler)
+        logger.setLevel(logging.WARNING if quiet else logging.INFO)
+        logger.propagate = False
+        for name in _TIP_LOGGERS:
+            logging.getLogger(name).addFilter(tips)
+        try:
+            yield
+        finally:
+            logger.removeHandler(handler)
+            logger.setLevel(saved[0])
+            logger.propagate = saved[1]
+            for name in _TIP_LOGGERS:
+                logging.getLogger(name).removeFilter(tips)
+
+
+def _run(args: argparse.Namespace) -> int:
+    """Run a pipeline command: exit status 0, 2 for bad input (one line), 1 for any other failure."""
+    from histoseq import _commands
+
+    out = sys.stdout
+    prog = f"histoseq {args.command}"
+    try:
+        with _quiet_libraries(args.quiet):
+            return _commands.COMMANDS[args.command](args, out)
+    except _commands.USER_ERRORS as err:
+        if args.debug:
+            raise
+        print(f"{prog}: error: {_commands.error_message(err, args.command)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:
+        if args.debug:
+            raise
+        print(f"{prog}: error: {type(err).__name__}: {err}", file=sys.stderr)
+        print(
+            f"{prog}: this looks like a bug or a problem of the environment; rerun with --debug to see the traceback.",
+            file=sys.stderr,
+        )
+        return 1
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``histoseq`` command."""
     args = _build_parser().parse_args(argv)
     if args.command == "demo":
-        import warnings
-
         with warnings.catch_warnings():
             # library chatter (zarr sharding notices, docstring helpers) would drown the demo's report
             warnings.simplefilter("ignore", category=UserWarning)
             warnings.simplefilter("ignore", category=FutureWarning)
             warnings.simplefilter("ignore", category=SyntaxWarning)
             return demo(args)
-    return 2  # pragma: no cover - argparse rejects unknown commands
+    return _run(args)
 
 
 if __name__ == "__main__":  # pragma: no cover

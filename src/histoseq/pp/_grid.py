@@ -161,6 +161,7 @@ def make_grid(
     pixel_size_um: float | None = None,
     key_added: str | None = None,
     inplace: bool = True,
+    overwrite: bool = False,
 ) -> gpd.GeoDataFrame | None:
     """Tile the tissue of an image with a square grid at a given spacing in µm.
 
@@ -189,6 +190,8 @@ def make_grid(
         Name of the shapes element; default ``f"{image_key}_grid"``.
     inplace
         Add the shapes to ``sdata``; ``False`` returns them.
+    overwrite
+        Replace a grid of that name. Shapes that a table annotates (the measured spots) are never replaced.
 
     Returns
     -------
@@ -210,6 +213,9 @@ def make_grid(
     from spatialdata.models import ShapesModel
 
     image_key = resolve_image_key(sdata, image_key)
+    key = key_added or f"{image_key}_grid"
+    if inplace:
+        _check_grid_key(sdata, key, overwrite)
     if not (np.isfinite(spacing_um) and spacing_um > 0):
         raise ValueError(f"`spacing_um` must be a positive distance in µm, got {spacing_um!r}.")
     tile_size_um = spacing_um if tile_size_um is None else tile_size_um
@@ -260,10 +266,29 @@ def make_grid(
     shapes = ShapesModel.parse(gdf, transformations=transformations(sdata.images[image_key]))
     if not inplace:
         return shapes
-    key = key_added or f"{image_key}_grid"
     store_element(sdata, "shapes", key, shapes)
     logger.info("Grid of %d tiles (%g µm) on %r; added shapes %r.", len(shapes), spacing_um, image_key, key)
     return None
+
+
+def _check_grid_key(sdata: SpatialData, key: str, overwrite: bool) -> None:
+    """Refuse a grid name that would replace an element the user made (or a grid, without ``overwrite``)."""
+    from .._sdata import annotating_tables
+
+    kinds = [kind for kind in ("images", "labels", "points", "tables") if key in getattr(sdata, kind)]
+    if kinds:
+        raise ValueError(f"An element {key!r} exists already ({kinds[0]}); choose another `key_added`.")
+    if key in sdata.shapes:
+        tables = [t for t in annotating_tables(sdata, key) if not t.endswith("_table")]
+        if tables:
+            raise ValueError(
+                f"Shapes {key!r} are annotated by table(s) {tables} (measured spots?); a grid never replaces them. "
+                "Choose another `key_added`."
+            )
+        if not overwrite:
+            raise ValueError(
+                f"Shapes {key!r} exist already; pass `overwrite=True` to replace them, or another `key_added`."
+            )
 
 
 def _box_fraction(mask: np.ndarray, cx: np.ndarray, cy: np.ndarray, half: float, shape0: tuple[int, int]) -> np.ndarray:

@@ -217,7 +217,8 @@ def evaluate(
         scores["pearson_ceiling"] = np.concatenate(parts)
         metrics.append("pearson_ceiling")
 
-    trained_on = set(np.asarray(info.get("train_groups", [])).astype(str).tolist())
+    # a list, or an array of numpy's variable-width strings when the table was read back from zarr
+    trained_on = {str(g) for g in np.asarray(info.get("train_groups", [])).tolist()}
     same_groups = groups is not None and str(info.get("groups", "")) == groups
     if same_groups:
         scores["in_training"] = [
