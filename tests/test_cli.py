@@ -53,6 +53,11 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     }
     assert set(compare) == {"X_morphology_context", "X_morphology", "X_ssl"}
     assert all(learnable > others + 0.2 for learnable, others in compare.values())
+    assert "why the default is 'X_morphology_context'" in out and "noise ceiling bounds" in out
+    # the summary lists every file the demo wrote
+    wrote = next(line for line in out.splitlines() if "] Wrote " in line)
+    for path in (tmp_path / "demo").iterdir():
+        assert str(path) in wrote, (path, wrote)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -415,6 +415,11 @@ def demo(args: argparse.Namespace) -> int:
         learn = "learnable" if table.var.loc[list(genes), "learnable"].all() else "not learnable"
         line = f"{kind:<16} {learn:<14} n={len(genes):>2}  mean r = {r.mean():+.2f}"
         say(f"    {line}  (depth-partial {partial.mean():+.2f}, noise ceiling {ceiling.mean():.2f})")
+    say(
+        "  the noise ceiling bounds any prediction given the counting noise of the measurement, not what an image "
+        "can explain: the noise and spatial genes vary for real between spots (a high ceiling), but with nothing "
+        "the image shows (r near 0)"
+    )
     learnable = table.var["learnable"].to_numpy(bool)
     compare = {model.embedding: scores["pearson"]}
     for key in ("X_morphology", "X_ssl") if ssl_path is not None else ("X_morphology",):
@@ -426,6 +431,12 @@ def demo(args: argparse.Namespace) -> int:
     for key, r in compare.items():
         r = r.reindex(table.var_names)
         say(f"    {key:<40} {np.nanmean(r[learnable]):+.2f} / {np.nanmean(r[~learnable]):+.2f}")
+    say(
+        f"  why the default is {model.embedding!r}: in this synthetic tissue a gene follows only the tissue "
+        f"inside its spot, which one {args.patch_size_um:g} µm patch ('X_morphology') describes best; in real "
+        "tissue expression also follows the neighbourhood, and the context scales won on real data (the "
+        "development split of docs/benchmarks.md)"
+    )
 
     if not args.no_write:
         import matplotlib
@@ -441,7 +452,10 @@ def demo(args: argparse.Namespace) -> int:
 
             shutil.rmtree(store)
         sdata.write(store)
-        say(f"Wrote {args.out / 'patches.png'}, {model_path} and {store}")
+        written = [args.out / "patches.png", model_path, store]
+        if ssl_path is not None:  # the pretrained encoder's weights and their record
+            written += [Path(ssl_path), *sorted(Path(ssl_path).parent.glob(Path(ssl_path).name + ".*"))]
+        say("Wrote " + ", ".join(str(p) for p in written))
     say("Done.")
     return 0
 
