@@ -81,3 +81,54 @@ def test_embed_sees_stain_normalised_patches_estimated_per_image():
     assert est[1]["max_concentrations"][0] > 1.3 * est[0]["max_concentrations"][0]
     with pytest.raises(ValueError, match="stain_norm"):
         hs.tl.embed(plain, stain_norm="quantile", progress=False)
+
+
+@pytest.fixture(scope="module")
+def sharp_and_blurred_patches():
+    """The same spots' 112 µm patches (1 µm/px) of one section scanned sharp and out of focus (1.5 µm)."""
+    kw = {"n_sections": 1, "section_size_um": 600, "random_state": 0, "progress": False}
+    out = []
+    for blur in (0.0, 1.5):
+        sdata = hs.datasets.synthetic(blur_um=blur, **kw)
+        out.append(hs.pp.extract_patches(sdata, patch_size_um=112, patch_px=112, progress=False).images)
+    return out
+
+
+def test_smoothing_brings_the_features_of_a_blurred_scan_closer_to_the_sharp_one(sharp_and_blurred_patches):
+    from histoseq.tl._morphology import MorphologyParams, morphology_features
+
+    sharp, blurred = sharp_and_blurred_patches
+    assert len(sharp) >= 10 and sharp.shape == blurred.shape
+    assert not np.array_equal(sharp, blurred)
+
+    def gap(smooth_um: float) -> float:
+        """Mean |sharp - blurred| over patches and features, in units of the features' spread over the patches."""
+        params = MorphologyParams(smooth_um=smooth_um)
+        a, _ = morphology_features(sharp, um_per_px=1.0, params=params)
+        b, _ = morphology_features(blurred, um_per_px=1.0, params=params)
+        spread = a.std(axis=0)
+        ok = spread > 1e-6  # features constant over the patches (none here, but no division by zero)
+        return float(np.mean(np.abs(a - b)[:, ok] / spread[ok]))
+
+    plain, smoothed = gap(0.0), gap(2.0)
+    assert smoothed < 0.7 * plain, (plain, smoothed)
+
+
+def test_no_smoothing_is_the_default_output_exactly(sharp_and_blurred_patches):
+    from histoseq.tl._morphology import MorphologyParams, morphology_features, optical_density_stains
+
+    sharp = sharp_and_blurred_patches[0][:8]
+    default, names = morphology_features(sharp, um_per_px=1.0)
+    zero, names0 = morphology_features(sharp, um_per_px=1.0, params=MorphologyParams(smooth_um=0.0))
+    assert names0 == names and MorphologyParams().smooth_um == 0.0
+    assert zero.dtype == default.dtype and zero.tobytes() == default.tobytes()
+    assert not np.allclose(morphology_features(sharp, 1.0, MorphologyParams(smooth_um=1.0))[0], default)
+    # the smoothing path turns intensities into densities by the same formula as the lookup table
+    for factor in (1, 2):
+        od, hed = optical_density_stains(sharp, factor)
+        od_s, hed_s = optical_density_stains(sharp, factor, smooth_px=1e-3)  # a kernel of one tap: no blur
+        np.testing.assert_allclose(od_s, od, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(hed_s, hed, rtol=1e-5, atol=1e-6)
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="smooth_um"):
+            MorphologyParams(smooth_um=bad)
