@@ -81,7 +81,7 @@ def test_weak_supervision_recovers_tiles_from_their_means():
 
 
 def test_fit_defaults_follow_the_spots(small):
-    sdata, model = small
+    _sdata, model = small
     c = model.config
     # 55 µm spots: 2 × 2 tiles of 27.5 µm, with one tile of context around them
     assert c["spot_um"] == pytest.approx(55.0)
@@ -162,8 +162,8 @@ def test_predict_on_a_grid_write_a_raster_and_draw_domains(small, tmp_path):
     hs.tl.predict(sdata, model, shapes_key="section0_spots", key_added="spots_sr", progress=False)
     with pytest.raises(ValueError, match="not a grid"):
         hs.tl.expression_map(sdata, "spots_sr")
+    hs.tl.predict(sdata, model, key_added="both_sr", progress=False)
     with pytest.raises(ValueError, match="one grid"):
-        hs.tl.predict(sdata, model, key_added="both_sr", progress=False)
         hs.tl.expression_map(sdata, "both_sr")
     # leiden domains of the super-resolved table, drawn as the grid's squares over the H&E
     sc.pp.pca(table, n_comps=3)

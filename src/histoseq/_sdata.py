@@ -13,6 +13,7 @@ Every public function resolves its inputs through this module, so that the same 
 
 from __future__ import annotations
 
+import collections
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -67,8 +68,26 @@ def resolve_key(key: str | None, candidates: Iterable[str], what: str, argument:
     raise ValueError(f"Several {what}s found: {sorted(candidates)}. Choose one with `{argument}=...`.")
 
 
+def check_spatialdata(sdata: Any, argument: str = "sdata") -> None:
+    """Raise a ``TypeError`` that names the fix when ``sdata`` is not a SpatialData object (a path, a table)."""
+    from spatialdata import SpatialData
+
+    if isinstance(sdata, SpatialData):
+        return
+    import anndata as ad
+
+    if isinstance(sdata, ad.AnnData):
+        hint = "pass the SpatialData that holds this table (with its images and spots), not the table itself"
+    elif isinstance(sdata, str | bytes) or hasattr(sdata, "__fspath__"):
+        hint = "read the store first: `sdata = spatialdata.read_zarr(path)`"
+    else:
+        hint = "read or build one first (e.g. `spatialdata.read_zarr(path)`, `hs.io.read_legacy_st(...)`)"
+    raise TypeError(f"`{argument}` must be a SpatialData object, got {type(sdata).__name__}: {hint}.")
+
+
 def get_table(sdata: SpatialData, table_key: str | None) -> tuple[str, ad.AnnData]:
     """The table under ``table_key`` (inferred when there is one), with its annotation metadata checked."""
+    check_spatialdata(sdata)
     key = resolve_key(table_key, list(sdata.tables.keys()), "table", "table_key")
     table = sdata.tables[key]
     if "spatialdata_attrs" not in table.uns:
@@ -357,6 +376,7 @@ def resolve_image_key(sdata: SpatialData, image_key: str | None) -> str:
     Several images on one coordinate system (Visium's full-resolution, hires and lowres images) are one
     section at several resolutions: the finest is taken. Images of several sections need ``image_key``.
     """
+    check_spatialdata(sdata)
     keys = list(sdata.images.keys())
     if image_key is not None:
         return resolve_key(image_key, keys, "image", "image_key")
@@ -403,19 +423,56 @@ def select_rows(n: int, names: Sequence[str], subset: Any) -> np.ndarray:
     if subset is None:
         return np.arange(n)
     arr = np.asarray(subset)
+    if arr.size == 0 and arr.dtype != bool:  # an empty list: no spot
+        return np.zeros(0, dtype=int)
     if arr.dtype == bool:
         if arr.shape != (n,):
             raise ValueError(f"A boolean `spots` mask must have length {n}, got {arr.shape}.")
         return np.flatnonzero(arr)
     if arr.dtype.kind in "iu":
+        if n >= 3 and arr.shape == (n,) and np.isin(arr, (0, 1)).all():
+            raise TypeError(
+                f"`spots` is an array of {n} zeros and ones, one per spot: a mask? Integers are read as positions "
+                "(it would select spots 0 and 1 over and over). Pass booleans, `np.asarray(spots, dtype=bool)`."
+            )
         if arr.size and (arr.min() < -n or arr.max() >= n):
             raise IndexError(f"`spots` positions must lie in [0, {n}).")
         return np.mod(arr, n).astype(int)
+    if arr.dtype.kind in "fc":
+        raise TypeError(
+            f"`spots` holds numbers of dtype {arr.dtype}; pass integer positions (`np.asarray(spots, dtype=int)`), "
+            "a boolean mask or spot names."
+        )
     index = {name: i for i, name in enumerate(names)}
     missing = [s for s in arr.tolist() if s not in index]
     if missing:
         raise KeyError(f"{len(missing)} spot name(s) not in the table, e.g. {missing[:3]}.")
+    counts = collections.Counter(names) if len(index) < len(names) else {}
+    ambiguous = sorted({s for s in arr.tolist() if counts.get(s, 1) > 1})
+    if ambiguous:
+        raise ValueError(
+            f"{len(ambiguous)} spot name(s) occur more than once in the table's `obs_names`, e.g. {ambiguous[:3]}: "
+            "a name does not say which spot. Make the names unique first (`table.obs_names_make_unique()`), or "
+            "select spots by position or with a boolean mask."
+        )
     return np.array([index[s] for s in arr.tolist()], dtype=int)
+
+
+def warn_duplicated_names(table: ad.AnnData, what: str, stacklevel: int = 3) -> None:
+    """Warn when a table's ``obs_names`` repeat: spots are matched and selected by name."""
+    import warnings
+
+    names = table.obs_names
+    if not names.has_duplicates:
+        return
+    dup = names[names.duplicated()].unique()
+    warnings.warn(
+        f"{what} has {len(dup)} duplicated `obs_names`, e.g. {list(dup[:3])}: histoseq matches predictions to spots "
+        "and selects spots (`spots=`) by name, which a repeated name does not identify. Make them unique first: "
+        "`table.obs_names_make_unique()`.",
+        UserWarning,
+        stacklevel=stacklevel,
+    )
 
 
 def resolve_regions(
@@ -432,6 +489,7 @@ def resolve_regions(
     With a table, its regions (restricted to ``shapes_key`` when given) are used and rows refer to the
     table. Without a table (``table_key=None``), ``shapes_key`` names the shapes to use (e.g. a grid).
     """
+    check_spatialdata(sdata)
     use_table = table_key is not None and len(sdata.tables) > 0
     if use_table:
         tkey, table = get_table(sdata, table_key)

@@ -521,6 +521,9 @@ def synthetic(
 def _check_args(
     n_sections, n_donors, section_size_um, pixel_size_um, spot_diameter_um, spot_pitch_um, n_genes, image_chunks
 ) -> None:
+    for name, value in {"n_sections": n_sections, "n_donors": n_donors, "n_genes": n_genes}.items():
+        if isinstance(value, bool) or not isinstance(value, int | np.integer):
+            raise TypeError(f"`{name}` must be a whole number, got {value!r} ({type(value).__name__}).")
     if int(n_sections) < 1 or int(n_donors) < 1 or int(n_genes) < 1:
         raise ValueError("`n_sections`, `n_donors` and `n_genes` must be at least 1.")
     for name, value in {
@@ -529,6 +532,8 @@ def _check_args(
         "spot_diameter_um": spot_diameter_um,
         "spot_pitch_um": spot_pitch_um,
     }.items():
+        if isinstance(value, bool) or not isinstance(value, int | float | np.number):
+            raise TypeError(f"`{name}` must be a number (µm), got {value!r} ({type(value).__name__}).")
         if not np.isfinite(value) or value <= 0:
             raise ValueError(f"`{name}` must be a positive number, got {value!r}.")
     if spot_pitch_um < spot_diameter_um:

@@ -55,6 +55,13 @@ def read_spot_file(spots: str | Path | pd.DataFrame) -> pd.DataFrame:
             f"(and usually `new_x new_y selected`). Found: {list(df.columns)}."
         )
     df = df.copy()
+    position = df[["x", "y", "pixel_x", "pixel_y"]].apply(pd.to_numeric, errors="coerce").to_numpy(float)
+    bad = ~np.isfinite(position).all(axis=1)
+    if bad.any():
+        raise ValueError(
+            f"{int(bad.sum())} row(s) of the spot file have no numeric position (`x y pixel_x pixel_y` NaN, infinite "
+            f"or not a number), e.g. rows {np.flatnonzero(bad)[:3].tolist()}. Fix or drop those rows first."
+        )
     df.index = pd.Index(df["x"].astype(int).astype(str) + "x" + df["y"].astype(int).astype(str), name="spot")
     return df
 
@@ -157,6 +164,12 @@ def read_legacy_st(
 
     if not sample_id or not isinstance(sample_id, str):
         raise ValueError("`sample_id` must be a non-empty string naming the section.")
+    if not all(c.isalnum() or c in "_-." for c in sample_id) or sample_id.startswith("__") or sample_id in (".", ".."):
+        fixed = "".join(c if c.isalnum() or c in "_-." else "_" for c in sample_id).lstrip("_") or "section"
+        raise ValueError(
+            f"`sample_id={sample_id!r}` names the section's elements and coordinate systems, whose names may hold "
+            f"only letters, digits, '_', '-' and '.' (and not start with '__'); use e.g. `sample_id={fixed!r}`."
+        )
     cnt = read_counts(counts)
     spot_df = read_spot_file(spots)
     img = read_image_lazy(image, chunks=chunks)

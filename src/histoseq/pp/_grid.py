@@ -137,6 +137,16 @@ def detect_tissue(
     image_key = resolve_image_key(sdata, image_key)
     from spatialdata.transformations import Scale, Sequence
 
+    if isinstance(max_pixels, bool) or not isinstance(max_pixels, int | np.integer) or max_pixels < 1:
+        raise ValueError(
+            f"`max_pixels` must be a positive whole number of pixels (default {_MAX_DETECTION_PX:,}), got "
+            f"{max_pixels!r}."
+        )
+    key = key_added or f"{image_key}_tissue"
+    if inplace:
+        taken = [kind for kind in ("images", "points", "shapes", "tables") if key in getattr(sdata, kind)]
+        if taken:
+            raise ValueError(f"An element {key!r} exists already ({taken[0]}); choose another `key_added`.")
     mask, lvl, stride = _tissue_mask(sdata, image_key, max_pixels, method)
     level = image_levels(sdata.images[image_key])[lvl]
     to_level = Scale([stride, stride], axes=("y", "x"))
@@ -144,7 +154,6 @@ def detect_tissue(
     labels = Labels2DModel.parse(mask.astype(np.uint8), dims=("y", "x"), transformations=place)
     if not inplace:
         return labels
-    key = key_added or f"{image_key}_tissue"
     store_element(sdata, "labels", key, labels)
     logger.info("Tissue of %r: %.1f%% of the image; added labels %r.", image_key, 100 * mask.mean(), key)
     return None
@@ -216,10 +225,10 @@ def make_grid(
     key = key_added or f"{image_key}_grid"
     if inplace:
         _check_grid_key(sdata, key, overwrite)
-    if not (np.isfinite(spacing_um) and spacing_um > 0):
-        raise ValueError(f"`spacing_um` must be a positive distance in µm, got {spacing_um!r}.")
+    if not (_is_number(spacing_um) and np.isfinite(spacing_um) and spacing_um > 0):
+        raise ValueError(f"`spacing_um` must be a positive distance in µm (a number), got {spacing_um!r}.")
     tile_size_um = spacing_um if tile_size_um is None else tile_size_um
-    if not (np.isfinite(tile_size_um) and tile_size_um > 0):
+    if not (_is_number(tile_size_um) and np.isfinite(tile_size_um) and tile_size_um > 0):
         raise ValueError(f"`tile_size_um` must be a positive size in µm, got {tile_size_um!r}.")
     if not 0 <= min_tissue_fraction <= 1:
         raise ValueError(f"`min_tissue_fraction` must lie in [0, 1], got {min_tissue_fraction!r}.")
@@ -269,6 +278,10 @@ def make_grid(
     store_element(sdata, "shapes", key, shapes)
     logger.info("Grid of %d tiles (%g µm) on %r; added shapes %r.", len(shapes), spacing_um, image_key, key)
     return None
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float | np.number) and not isinstance(value, bool)
 
 
 def _check_grid_key(sdata: SpatialData, key: str, overwrite: bool) -> None:

@@ -93,6 +93,13 @@ def _plan(
         if not inside.all():
             n_out = int((~inside).sum())
             examples = list(reg.names[~inside][:3])
+            nowhere = ~(np.isfinite(cx) & np.isfinite(cy))
+            if outside == "raise" and nowhere.any():
+                raise ValueError(
+                    f"{int(nowhere.sum())} spot(s) of {reg.shapes_key!r} have no position (a NaN or infinite centre), "
+                    f"e.g. {list(reg.names[nowhere][:3])}. Fix or remove their shapes (and table rows), select the "
+                    "others with `spots=`, or pass `outside='drop'` to skip them."
+                )
             if outside == "raise":
                 raise ValueError(
                     f"{n_out} spot(s) of {reg.shapes_key!r} lie outside image {ref.key!r} ({w}×{h} px), e.g. "

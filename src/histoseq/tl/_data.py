@@ -60,6 +60,45 @@ def check_counts(counts: Any) -> None:
         )
 
 
+def warn_if_not_counts(counts: Any, transform: TargetTransform, stacklevel: int = 3) -> None:
+    """Warn when counts about to be normalised are not whole numbers (already normalised or log-transformed)."""
+    import warnings
+
+    from scipy import sparse
+
+    if transform is None:  # the values are the targets, as they are
+        return
+    values = counts.data if sparse.issparse(counts) else np.asarray(counts)
+    values = np.asarray(values).ravel()[:1_000_000]
+    if values.size == 0 or values.dtype.kind in "iub":
+        return
+    fractional = values[np.isfinite(values) & (values != np.round(values))]
+    if fractional.size:
+        warnings.warn(
+            f"The counts (`X`) are not whole numbers (e.g. {float(fractional[0]):.4g}): they look normalised or "
+            f"log-transformed already, and `target_transform={transform!r}` transforms them again. Pass the raw "
+            "counts in `X` (e.g. `adata.X = adata.layers['counts']`), or `target_transform=None` to learn the "
+            "values as they are.",
+            UserWarning,
+            stacklevel=stacklevel,
+        )
+
+
+def check_table(table: ad.AnnData, what: str) -> None:
+    """Raise when a table has no spots or no genes, or repeats gene names."""
+    if table.n_obs == 0:
+        raise ValueError(f"{what} has no rows (spots): there is nothing to learn from. Check how it was subset.")
+    if table.n_vars == 0:
+        raise ValueError(f"{what} has no genes (`n_vars` is 0): a table of measured counts is needed.")
+    if table.var_names.has_duplicates:
+        dup = table.var_names[table.var_names.duplicated()].unique()
+        raise ValueError(
+            f"{what} repeats {len(dup)} gene name(s) in `var_names`, e.g. {list(dup[:3])}, so a gene name does not "
+            "say which column to read. Make them unique first: `table.var_names_make_unique()` (or sum the "
+            "duplicated columns)."
+        )
+
+
 def transform_counts(
     counts: Any, transform: TargetTransform, columns: np.ndarray | None = None, *, check: bool = True
 ) -> np.ndarray:
@@ -105,6 +144,11 @@ def train_mask(table: ad.AnnData, train: Any, groups: str | None) -> np.ndarray:
     if isinstance(train, str):
         train = [train]
     arr = np.asarray(train)
+    if arr.dtype.kind in "iuf" and n >= 3 and arr.shape == (n,) and np.isin(arr, (0, 1)).all():
+        raise TypeError(
+            f"`train` is an array of {n} zeros and ones, one per spot: a mask? Numbers are read as values of "
+            f"obs[{groups!r}]. Pass booleans: `train=np.asarray(train, dtype=bool)`."
+        )
     if arr.dtype == bool:
         if arr.shape != (n,):
             raise ValueError(f"A boolean `train` mask must have one value per table row ({n}), got shape {arr.shape}.")
@@ -208,8 +252,11 @@ def embedding_matrix(table: ad.AnnData, embedding: str, where: str) -> np.ndarra
         raise missing_embedding_error(embedding, where)
     x = table.obsm[embedding]
     x = x.to_numpy() if hasattr(x, "to_numpy") else np.asarray(x)
-    if x.ndim != 2:
-        raise ValueError(f"`obsm[{embedding!r}]` must be a 2-D (spots × features) array, got shape {x.shape}.")
+    if x.ndim != 2 or x.shape[1] == 0:
+        raise ValueError(
+            f"`obsm[{embedding!r}]` must be a 2-D (spots × features) array with at least one feature, got shape "
+            f"{x.shape}. Recompute it with `hs.tl.embed`, or name another embedding with `embedding=`."
+        )
     return np.asarray(x, dtype=np.float64)
 
 

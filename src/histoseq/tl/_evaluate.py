@@ -10,7 +10,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .._sdata import get_table, select_rows, store_element
-from ._data import embedding_key, embedding_matrix, group_labels, section_labels, transform_counts
+from ._data import (
+    embedding_key,
+    embedding_matrix,
+    group_labels,
+    section_labels,
+    transform_counts,
+    warn_if_not_counts,
+)
 from ._fit import DEFAULT_EMBEDDING, DEFAULT_METHOD, ExpressionModel, fit, predict
 from ._inputs import ensure_embeddings
 from ._metrics import METRICS, gene_scores, log_depth, noise_ceiling
@@ -206,6 +213,7 @@ def evaluate(
             raise ValueError("`spots` selects no spot.")
     counts = table.X[rows]
     truth = transform_counts(counts, transform, cols)  # raises on NaN counts, before anything is written
+    warn_if_not_counts(counts, transform, stacklevel=2)
     scores = _score_table(pred_all[rows], truth, log_depth(counts), genes, None if labels is None else labels[rows])
     metrics = list(METRICS)
     if ceiling:

@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from ._data import TARGET_TRANSFORMS, TargetTransform, embedding_key, embedding_params
+from ._data import TARGET_TRANSFORMS, TargetTransform, as_table, check_table, embedding_key, embedding_params
+from ._genes import resolve_genes
 from ._inputs import DEFAULT_EMBEDDING, EMBEDDING_PRESETS, ensure_embeddings, spot_diameter_um, undo_embeddings
 from ._model import ExpressionModel, load_model
 from ._prediction import predict_table
@@ -196,8 +197,8 @@ def fit(
         Gene names, or a number ``n`` of genes to select with :func:`histoseq.tl.select_genes` on the
         training spots (``min_spot_fraction``, ``hvg_flavor``).
     method
-        ``"kernel"``, ``"ridge"``, ``"ridge_hest"``, ``"mlp"``, ``"cnn"``, ``"contrastive"``, ``"attention"`` or ``"superres"`` (or a
-        registered method, :func:`histoseq.tl.methods.list_methods`; classification methods go to
+        ``"kernel"``, ``"ridge"``, ``"ridge_hest"``, ``"mlp"``, ``"cnn"``, ``"contrastive"``, ``"attention"`` or
+        ``"superres"`` (or a registered method, :func:`histoseq.tl.methods.list_methods`; classification methods go to
         :func:`histoseq.tl.fit_classifier`).
     embedding
         Key of the embedding in ``obsm`` (not used by ``"cnn"``), or several keys (a list, or joined by
@@ -249,9 +250,9 @@ def fit(
         ``stain_jitter``, ``stain_norm``, ``tta`` (cnn); ``n_proj``, ``dropout``, ``temperature``, ``k``, ``weighting``
         (contrastive); ``encoder``, ``region_um``, ``tile_um``, ``tile_px``, ``stain_norm``, ``n_hidden``,
         ``n_attention``, ``dropout``, ``attention_penalty`` (attention); ``encoder``, ``spot_um``, ``tile_um``,
-        ``tile_px``, ``context_tiles``, ``stain_norm``, ``n_hidden``, ``dropout``, ``smoothness`` (superres); and ``lr``, ``weight_decay``, ``batch_size``,
-        ``patience``, ``val_groups``,
-        ``val_fraction``, ``trainer_kwargs`` (all networks).
+        ``tile_px``, ``context_tiles``, ``stain_norm``, ``n_hidden``, ``dropout``, ``smoothness`` (superres); and
+        ``lr``, ``weight_decay``, ``batch_size``, ``patience``, ``val_groups``, ``val_fraction``, ``trainer_kwargs``
+        (all networks).
 
     Returns
     -------
@@ -292,6 +293,13 @@ def fit(
     objects = list(sdata) if is_list else [sdata]
     if is_list and not objects:
         raise ValueError("`sdata` is an empty list.")
+    by_number = isinstance(genes, int | np.integer) and not isinstance(genes, bool)
+    for i, obj in enumerate(objects):  # before any embedding is computed
+        where = "The AnnData" if isinstance(obj, ad.AnnData) else "The table"
+        obj_table = as_table(obj, table_key)
+        check_table(obj_table, f"{where} of SpatialData {i}" if is_list else where)
+        if not by_number:
+            resolve_genes(obj_table, genes, None, min_spot_fraction=min_spot_fraction, flavor=hvg_flavor)
     if reads_embedding:
         added = ensure_embeddings(objects, table_key, embedding, embed_kwargs, random_state, progress)
     else:
@@ -344,7 +352,6 @@ def fit(
         train_groups = {str(g): int(c) for g, c in zip(uniq, counts)}
     else:
         train_groups = {}
-    by_number = isinstance(genes, int | np.integer) and not isinstance(genes, bool)
     provenance = {
         "groups": groups,
         "train_groups": train_groups,
@@ -411,7 +418,8 @@ def predict(
     The model's inputs are read as it was trained: the embedding ``obsm[model.embedding]`` of those rows, computed
     with the model's encoder when absent (and kept in their table; an embedding made by another encoder is
     refused), or, for models that read images (``"cnn"``, ``"attention"``, ``"superres"``), the patches around the
-    shapes, cut and stain-normalised as in training (``"superres"``: the tiles that make up each shape) (``"cnn"``: averaged over the 8 turns and flips unless ``tta=False``).
+    shapes, cut and stain-normalised as in training (``"superres"``: the tiles that make up each shape; ``"cnn"``:
+    averaged over the 8 turns and flips unless ``tta=False``).
     Shapes whose centre lies outside their image, or whose embedding is not finite, get NaN.
 
     Parameters

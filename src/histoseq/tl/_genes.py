@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -83,6 +83,8 @@ def select_genes(
 
     """
     table = as_table(adata_or_sdata, table_key)
+    if not isinstance(n, int | np.integer) or isinstance(n, bool):
+        raise TypeError(f"`n` must be a whole number of genes, got {n!r} ({type(n).__name__}).")
     if int(n) < 1:
         raise ValueError(f"`n` must be a positive number of genes, got {n!r}.")
     if not 0 <= min_spot_fraction <= 1:
@@ -167,6 +169,12 @@ def resolve_genes(
         return select_genes(table, int(genes), train=train_mask, min_spot_fraction=min_spot_fraction, flavor=flavor)
     if isinstance(genes, str):
         genes = [genes]
+    if isinstance(genes, bool | np.bool_ | float | np.floating) or not isinstance(genes, Iterable):
+        hint = f" (`genes={int(genes)}`)" if isinstance(genes, float) and float(genes).is_integer() else ""
+        raise TypeError(
+            f"`genes` must be a whole number of genes to select{hint} or a list of gene names, got {genes!r} "
+            f"({type(genes).__name__})."
+        )
     genes = [str(g) for g in genes]
     if not genes:
         raise ValueError("`genes` is empty; give gene names or a number of genes to select.")
@@ -175,5 +183,8 @@ def resolve_genes(
         raise ValueError(f"`genes` lists some genes more than once: {dup}.")
     missing = [g for g in genes if g not in table.var_names]
     if missing:
-        raise KeyError(f"{len(missing)} of the requested genes are not in the table's var_names: {missing[:20]}.")
+        raise KeyError(
+            f"{len(missing)} of the requested genes are not in the table's var_names: {missing[:20]}. Name genes of "
+            "`table.var_names` (same spelling and case), or pass a number of genes to select."
+        )
     return genes

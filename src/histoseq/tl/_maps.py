@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .._sdata import centers_in_image, pick_image, store_element, table_keys, transformations
+from .._sdata import centers_in_image, check_spatialdata, pick_image, store_element, table_keys, transformations
 
 if TYPE_CHECKING:
     import xarray as xr
@@ -88,12 +88,16 @@ def expression_map(
     from spatialdata.transformations import Scale
     from spatialdata.transformations import Sequence as Chain
 
+    check_spatialdata(sdata)
     if predicted not in sdata.tables:
         raise KeyError(f"No table {predicted!r} (tables: {sorted(sdata.tables)}). Run `hs.tl.predict` on a grid first.")
     table = sdata.tables[predicted]
     regions, _, instance_key = table_keys(table)
     if len(regions) != 1:
-        raise ValueError(f"Table {predicted!r} annotates {regions}; a raster needs one grid.")
+        raise ValueError(
+            f"Table {predicted!r} annotates {regions}; a raster needs the predictions of one grid. Predict on a grid "
+            "of one image first: `hs.tl.predict(sdata, model, image_key=..., spacing_um=...)`."
+        )
     grid_key = regions[0]
     shapes = sdata.shapes[grid_key]
     missing = [c for c in _GRID_COLUMNS if c not in shapes.columns]

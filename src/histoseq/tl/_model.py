@@ -397,18 +397,62 @@ class ExpressionModel:
         'kernel'
 
         """
+        from .methods import list_methods
+
         meta, arrays = read_model(path)
-        return cls(
-            method=meta["method"],
-            genes=meta["genes"],
-            target_transform=meta["target_transform"],
-            embedding=meta["embedding"],
-            embedding_params=meta["embedding_params"],
-            n_features=meta["n_features"],
-            arrays=arrays,
-            config=meta["config"],
-            provenance=meta["provenance"],
-        )
+        where = repr(str(path))
+        if meta["method"] not in list_methods():
+            raise ValueError(
+                f"{where} holds a model of method {meta['method']!r}, which is not registered here (methods: "
+                f"{list_methods()}). Import or register the method first (`hs.tl.methods.register`), or upgrade "
+                "histoseq."
+            )
+        try:
+            if not all(isinstance(g, str) for g in meta["genes"]):
+                raise ValueError("`genes` must be a list of gene names (strings)")
+            model = cls(
+                method=meta["method"],
+                genes=meta["genes"],
+                target_transform=meta["target_transform"],
+                embedding=meta["embedding"],
+                embedding_params=meta["embedding_params"],
+                n_features=meta["n_features"],
+                arrays=arrays,
+                config=meta["config"],
+                provenance=meta["provenance"],
+            )
+            model._check_consistency()
+        except Exception as err:
+            raise ValueError(
+                f"{where}: the model's metadata and arrays do not fit together ({type(err).__name__}: {err}). The file "
+                "is damaged or was edited; save the model again with its `save` method."
+            ) from err
+        return model
+
+    def _check_consistency(self) -> None:
+        """Raise when the metadata is malformed or the arrays do not match it.
+
+        A probe prediction must give one value per gene: a file edited by hand, or damaged, fails here rather than
+        in :func:`predict`.
+        """
+        genes = self._genes
+        if not genes or len(set(genes)) < len(genes):
+            raise ValueError(f"`genes` must list distinct gene names, got {len(genes)} with {len(set(genes))} distinct")
+        if self._fitted.n_features < 1:
+            raise ValueError(f"`n_features` must be positive, got {self._fitted.n_features}")
+        section_norm_mode(self._fitted.config.get("section_norm", False))
+        repr(self)
+        if self.uses_images:
+            px = int(self.patch_options(None)["patch_px"])
+            probe = np.full((1, px, px, 3), 255, dtype=np.uint8)
+            out = self._impl.predict(self._fitted, self._get_predictor(), probe, tta=False, batch_size=1, device="cpu")
+        else:
+            probe = np.zeros((2, self._fitted.n_features))
+            out = self._impl.predict(self._fitted, self._get_predictor(), probe, batch_size=2)
+        if np.shape(out) != (len(probe), len(genes)):
+            raise ValueError(
+                f"a probe prediction has shape {np.shape(out)}, not (spots, {len(genes)} genes) as `genes` says"
+            )
 
     # -- display -------------------------------------------------------------------------------------
     def __repr__(self) -> str:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -65,6 +66,11 @@ def read_model(
     where = repr(str(path))
     if not path.is_file():
         raise FileNotFoundError(f"No model file at {where}.")
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; anything else is no model of histoseq's
+        raise ValueError(
+            f"{where} is not a histoseq model file: it is not a file written by `torch.save` (empty, cut short, "
+            "or another kind of file). Give the path of a file written by the model's `save` method."
+        )
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
@@ -93,7 +99,11 @@ def read_model(
             f"{version}); upgrade histoseq to read it."
         )
     fields = META_FIELDS if fields is None else fields
-    bad = [k for k, types in fields.items() if not isinstance(meta.get(k, ...), types)]
+    bad = [
+        k
+        for k, types in fields.items()
+        if not isinstance(meta.get(k, ...), types) or (isinstance(meta.get(k), bool) and bool not in types)
+    ]
     if bad:
         raise ValueError(
             f"{where}: the model metadata lacks or has malformed fields {bad}; the file is damaged or was not "

@@ -18,7 +18,8 @@ lie rather than what the tissue looks like:
 - it **misleads** on tissue without such an organisation (a tumour of another patient loses accuracy with
   it), on sections of different sizes or shapes (the offsets are in µm), and wherever the frame moves: tissue
   in several pieces, a section cut off by the capture area or the image border, tissue outside the capture
-  area. The encoder warns in the last cases.
+  area. The encoder warns in the last cases, and about spots far off the tissue (off-tissue spots of a
+  capture area); spots outside their image get NaN.
 
 On a round piece of tissue the axes are arbitrary (``elongation`` near 1 in the summary), but the distance
 to the centroid that the two offsets make together is not.
@@ -50,6 +51,8 @@ MIN_PIECE_FRACTION = 0.01
 MIN_CONTRAST = 10.0
 #: Warn when the tissue runs along more than this share of the image border (a cut-off section).
 MAX_BORDER_FRACTION = 0.1
+#: Warn about spots further from the tissue than this share of its size (the square root of its area).
+MAX_OFF_TISSUE = 0.25
 
 
 def tissue_geometry(sdata: SpatialData, image_key: str, method: str = "otsu") -> dict[str, Any]:
@@ -142,16 +145,62 @@ def tissue_position(
 
     ``(n_obs, 2)`` float32, in the order of :data:`FEATURE_NAMES`.
 
-    Rows not in ``regions`` are NaN. Returns the features and, per image, the summary of
+    Rows not in ``regions`` are NaN, and so are spots whose centre lies outside their image (with a warning); spots
+    far off the tissue (:data:`MAX_OFF_TISSUE`) are warned about. Returns the features and, per image, the summary of
     :func:`tissue_geometry`.
     """
+    import warnings
+
     out = np.full((n_obs, len(FEATURE_NAMES)), np.nan, dtype=np.float32)
     images: dict[str, dict[str, Any]] = {}
+    distances: dict[str, Any] = {}
+    outside: list[str] = []
+    far: list[str] = []
     for region in regions:
         key = region.image.key
         if key not in images:
-            images[key] = tissue_geometry(sdata, key, method)["info"]
+            geometry = tissue_geometry(sdata, key, method)
+            images[key], distances[key] = geometry["info"], _distance_to_tissue(geometry, region.image.pixel_size_um)
         centroid, axes = np.asarray(images[key]["centroid_px"]), np.asarray(images[key]["axes"])
-        offsets_px = (region.centers_px[:, :2] - centroid) @ axes.T
-        out[region.rows] = np.abs(offsets_px) * region.image.pixel_size_um
+        xy = region.centers_px[:, :2]
+        h, w = region.image.shape
+        inside = np.isfinite(xy).all(axis=1) & (xy[:, 0] >= 0) & (xy[:, 0] < w) & (xy[:, 1] >= 0) & (xy[:, 1] < h)
+        features = np.abs((xy - centroid) @ axes.T) * region.image.pixel_size_um
+        features[~inside] = np.nan  # the image says nothing there
+        out[region.rows] = features
+        outside += list(region.names[~inside])
+        limit = MAX_OFF_TISSUE * np.sqrt(images[key]["tissue_area_mm2"]) * 1e3
+        off = distances[key](xy[inside]) > limit
+        far += list(region.names[inside][off])
+    if outside:
+        warnings.warn(
+            f"{len(outside)} spot(s) lie outside their image, e.g. {outside[:3]}: their tissue_position is NaN. "
+            "Check that the spots and the image share the right coordinate system, or leave them out with `spots=`.",
+            UserWarning,
+            stacklevel=3,
+        )
+    if far:
+        warnings.warn(
+            f"{len(far)} spot(s) lie far off the tissue (further from it than {MAX_OFF_TISSUE:.0%} of its size), "
+            f"e.g. {far[:3]}: their tissue_position describes the glass, not the tissue. Leave off-tissue spots out "
+            "with `spots=` (e.g. Visium's `obs['in_tissue'] == 1`), or check that the spots belong to this image.",
+            UserWarning,
+            stacklevel=3,
+        )
     return out, images
+
+
+def _distance_to_tissue(geometry: dict[str, Any], pixel_size_um: float) -> Any:
+    """A function of level-0 ``(x, y)`` points giving their distance (µm) to the nearest pixel of the tissue mask."""
+    from scipy import ndimage as ndi
+
+    mask = geometry["mask"]
+    dy, dx = geometry["downsample"]
+    edt = ndi.distance_transform_edt(~mask, sampling=(dy * pixel_size_um, dx * pixel_size_um))
+
+    def distance(xy: np.ndarray) -> np.ndarray:
+        i = np.clip((xy[:, 1] / dy).astype(int), 0, mask.shape[0] - 1)
+        j = np.clip((xy[:, 0] / dx).astype(int), 0, mask.shape[1] - 1)
+        return edt[i, j]
+
+    return distance

@@ -22,6 +22,7 @@ from .._sdata import (
     shapes_table,
     store_element,
     table_keys,
+    warn_duplicated_names,
 )
 from ._data import section_labels
 from ._inputs import prediction_embedding, spot_patches
@@ -165,9 +166,10 @@ def predict_table(
         measured = shapes is None or tkey == table_key
         key = key_added or (DEFAULT_KEY if measured else f"{shapes}_{DEFAULT_KEY}")
         if inplace:
-            check_prediction_key(sdata, key, tkey, overwrite=overwrite)
+            check_prediction_key(sdata, key, tkey, overwrite=overwrite, into_table=into_table)
         table = sdata.tables[tkey]
         rows = select_rows(table.n_obs, table.obs_names, spots)
+        warn_duplicated_names(table, f"Table {tkey!r}", stacklevel=4)
         if shapes is not None:  # the table's rows of those shapes only
             region_key = table_keys(table)[1]
             rows = rows[table.obs[region_key].astype(str).to_numpy()[rows] == shapes]
@@ -211,15 +213,25 @@ def is_prediction_table(table: Any, key: str) -> bool:
     return isinstance(info, dict) and "method" in info and "genes" in info
 
 
-def check_prediction_key(sdata: SpatialData, key: str, tkey: str, *, overwrite: bool) -> None:
-    """Refuse a ``key_added`` that would replace the user's element, or predictions without ``overwrite``."""
+def check_prediction_key(sdata: SpatialData, key: str, tkey: str, *, overwrite: bool, into_table: bool = False) -> None:
+    """Refuse a ``key_added`` that would replace the user's element, or predictions without ``overwrite``.
+
+    With ``into_table``, ``obsm[key]`` of table ``tkey`` is written too: an entry there is replaced only when it came
+    with predictions of the same name (``hs.tl.predict(..., into_table=True)`` wrote both) and ``overwrite`` is set.
+    """
     if key == tkey:
         raise ValueError(f"`key_added` must differ from the table of the spots ({tkey!r}).")
+    ours = key in sdata.tables and is_prediction_table(sdata.tables[key], key)
     if key in sdata.tables:
-        if not is_prediction_table(sdata.tables[key], key):
+        if not ours:
             raise ValueError(f"Table {key!r} exists and was not written by hs.tl.predict; choose another `key_added`.")
         if not overwrite:
             raise ValueError(f"Table {key!r} holds predictions already; pass `overwrite=True` to replace them.")
+    if into_table and key in sdata.tables[tkey].obsm and not ours:
+        raise ValueError(
+            f"Table {tkey!r} has an entry `obsm[{key!r}]` that hs.tl.predict did not write; `into_table=True` would "
+            "replace it. Choose another `key_added`."
+        )
     if any(key in getattr(sdata, kind) for kind in ("images", "labels", "points", "shapes")):
         raise ValueError(f"An element {key!r} exists; choose another `key_added`.")
 
@@ -243,6 +255,14 @@ def read_predictions(sdata: Any, table_key: str | None, key: str) -> tuple[str |
         info = pt.uns.get(key)
         if not isinstance(info, dict) or "genes" not in info:
             raise ValueError(f"Table {key!r} is not a table of predictions (no `uns[{key!r}]['genes']`).")
+        for name, t in ((tkey, table), (key, pt)):
+            if t.obs_names.has_duplicates:
+                dup = t.obs_names[t.obs_names.duplicated()].unique()
+                raise ValueError(
+                    f"Table {name!r} repeats {len(dup)} spot name(s) in `obs_names`, e.g. {list(dup[:3])}: the "
+                    f"predictions cannot be matched to the spots by name. Make the measured table's names unique "
+                    f"(`sdata.tables[{tkey!r}].obs_names_make_unique()`) and predict again."
+                )
         pos = pt.obs_names.get_indexer(table.obs_names)
         if (pos < 0).all():
             raise ValueError(

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .._sdata import get_table
+from .._sdata import get_table, warn_duplicated_names
 from ._data import (
     as_table,
     concat_tables,
@@ -28,6 +28,7 @@ from ._data import (
     section_labels,
     train_mask,
     transform_counts,
+    warn_if_not_counts,
 )
 from ._genes import resolve_genes
 from ._inputs import training_patches
@@ -151,6 +152,7 @@ def training_set(
     else:
         tkey, table = get_table(sdata, table_key)
         source = f"table {tkey!r}"
+    warn_duplicated_names(table, f"The {source}" if source.startswith("table") else source, stacklevel=4)
     labels = group_labels(table, groups)
     mask = train_mask(table, train, groups)
     X_all = images = None
@@ -174,6 +176,7 @@ def training_set(
     rows = np.flatnonzero(mask)
     gene_list = resolve_genes(table, genes, mask, min_spot_fraction=min_spot_fraction, flavor=hvg_flavor)
     cols = table.var_names.get_indexer(gene_list)
+    warn_if_not_counts(table.X[rows], target_transform, stacklevel=4)
     regions = region_labels(table)
     data = TrainingSet(
         Y=transform_counts(table.X[rows], target_transform, cols),
