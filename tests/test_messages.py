@@ -57,3 +57,14 @@ def test_network_training_prints_no_lightning_banner(capfd):
     out = capfd.readouterr()
     text = out.out + out.err
     assert "GPU available" not in text and "Tip" not in text and "TPU" not in text, text
+
+
+def test_a_morphology_setting_added_later_is_no_difference_at_its_default():
+    """Models saved before ``smooth_um`` existed predict on new embeddings without a warning; other values warn."""
+    from histoseq.tl._inputs import _with_morphology_defaults
+
+    old = {"encoder": "morphology", "morphology": {"tissue_od": 0.1}}
+    new = {"encoder": "morphology", "morphology": {"tissue_od": 0.1, "smooth_um": 0.0}}
+    assert _with_morphology_defaults(old) == _with_morphology_defaults(new)
+    smoothed = {"encoder": "morphology", "morphology": {"tissue_od": 0.1, "smooth_um": 2.0}}
+    assert _with_morphology_defaults(old) != _with_morphology_defaults(smoothed)

@@ -163,7 +163,8 @@ def prediction_embedding(
             f"({trained.get('encoder', 'see model.embedding_params')})."
         )
     for part in parts:
-        here, there = embedding_params(table, part), params_of.get(part, {})
+        here = _with_morphology_defaults(embedding_params(table, part))
+        there = _with_morphology_defaults(params_of.get(part, {}))
         if here and there and here != there:
             if "encoder" in here and "encoder" in there and here["encoder"] != there["encoder"]:
                 raise ValueError(
@@ -179,6 +180,26 @@ def prediction_embedding(
                     diff,
                 )
     return X
+
+
+def _with_morphology_defaults(params: Mapping[str, Any]) -> dict[str, Any]:
+    """Embedding parameters with the morphology settings a record lacks filled in with their defaults.
+
+    A setting added to :class:`~histoseq.tl._morphology.MorphologyParams` (e.g. ``smooth_um``) is missing from
+    the records of models saved before it; at its default it changes nothing, so it must not count as a
+    difference.
+    """
+    out = dict(params)
+    recorded = out.get("morphology")
+    if isinstance(recorded, Mapping):
+        from dataclasses import fields
+
+        from ._morphology import MorphologyParams
+
+        defaults = MorphologyParams()
+        missing = {f.name: getattr(defaults, f.name) for f in fields(MorphologyParams) if f.name not in recorded}
+        out["morphology"] = {**missing, **recorded}
+    return out
 
 
 def ensure_prediction_part(
