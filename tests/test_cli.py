@@ -137,6 +137,7 @@ def test_fit_writes_a_model_and_refuses_to_overwrite_it(store, model):
     assert hs.tl.load_model(path).genes == fitted.genes
 
 
+@pytest.mark.slow
 def test_predict_writes_a_table_of_the_models_genes(store, model, predicted):
     import spatialdata as sd
 
@@ -146,6 +147,7 @@ def test_predict_writes_a_table_of_the_models_genes(store, model, predicted):
     assert "added table 'predicted'" in predicted.stdout
 
 
+@pytest.mark.slow
 def test_predict_on_a_grid_quietly(store, model):
     import spatialdata as sd
 
@@ -159,6 +161,7 @@ def test_predict_on_a_grid_quietly(store, model):
     assert "Predicted" not in res.stderr  # the library's INFO lines are hushed too
 
 
+@pytest.mark.slow
 def test_evaluate_writes_scores(store, predicted, tmp_path):
     import pandas as pd
 

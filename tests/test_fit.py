@@ -481,6 +481,7 @@ def with_images(sdata, table):
     return sd.SpatialData(images=dict(sdata.images), shapes=dict(sdata.shapes), tables={"table": table})
 
 
+@pytest.mark.slow
 def test_fit_computes_a_missing_embedding_and_cleans_up_on_failure(base):
     table = base.tables["table"]
     parts = []
