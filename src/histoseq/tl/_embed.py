@@ -449,6 +449,8 @@ class TorchRunner:
 
     """
 
+    backend = "torch"  #: what runs the network (:class:`~histoseq.tl._onnx.OnnxRunner`: ``"onnxruntime"``)
+
     def __init__(self, model: Any, device: Any = "cpu", *, autocast: bool | None = None, builtin: bool = False):
         import torch
 
@@ -567,7 +569,11 @@ def embed(
     in batches of ``batch_size`` (:func:`histoseq.pp.iter_patches`), so memory stays bounded whatever the
     number of spots. Networks run in eval mode under :func:`torch.inference_mode`; histoseq's own networks in
     ``channels_last`` and with bf16 autocast on hardware that computes bf16 natively (AVX-512 BF16 / AMX CPUs,
-    recent GPUs), float32 elsewhere (the run's precision is recorded in ``uns[name]["precision"]``).
+    recent GPUs), float32 elsewhere (the run's precision is recorded in ``uns[name]["precision"]``). On the CPU,
+    histoseq's own networks run through ONNX Runtime in float32 when it is installed (``histoseq[onnx]``; several
+    times faster), exported once into ``$HISTOSEQ_CACHE_DIR/onnx`` (default ``~/.cache/histoseq/onnx``) and checked
+    against torch, falling back to torch if that fails (:mod:`histoseq.tl._onnx`); the environment variable
+    ``HISTOSEQ_BACKEND=torch`` (or ``onnx``, ``auto``: the default) chooses. Modules you pass always run in torch.
 
     Encoders (see :func:`list_encoders` and :func:`histoseq.tl._embed.get_encoder`):
 
@@ -657,7 +663,8 @@ def embed(
       ``dims``, ``key_added``, ``random_state``, the ``feature_names`` (morphology) and its thresholds, the
       ``weights`` path and ``weights_sha256`` when given;
     - ``table.uns[name]["images"]`` (level read and pixel size per image, and with ``stain_norm`` the image's
-      stain estimate under ``"stain"``), ``["n_spots"]``, ``["precision"]``; ``params`` records ``stain_norm``.
+      stain estimate under ``"stain"``), ``["n_spots"]``, ``["precision"]``, ``["backend"]`` (``"onnxruntime"``,
+      ``"torch"`` or ``"numpy"``); ``params`` records ``stain_norm``.
 
     With ``inplace=False``, the ``(n_obs, D)`` array.
 
@@ -675,6 +682,7 @@ def embed(
 
     from ..pp import iter_patches
     from ..pp._stain import estimate_stains, normalize_stain, stain_norm_mode
+    from ._onnx import onnx_or_torch
 
     # validate everything before any work or write
     _check_args(patch_size_um, patch_px, batch_size, key_added)
@@ -713,6 +721,7 @@ def embed(
     done = np.zeros(table.n_obs, dtype=bool)
     patch_params: dict[str, Any] = {}
     runner = TorchRunner(res.model, torch_device, builtin=res.builtin) if res.kind in ("torch", "callable") else None
+    runner = onnx_or_torch(runner, res.spec or res.name)  # ONNX Runtime for built-in networks on the CPU
     ctx = runner if runner is not None else nullcontext()
     desc = f"embed ({res.name})"
     with ctx, tqdm(total=total * len(sizes), desc=desc, unit="patch", disable=not progress) as bar:
@@ -791,6 +800,7 @@ def embed(
         "images": images_read,
         "n_spots": int(done.sum()),
         "precision": runner.precision if runner is not None else "float32",
+        "backend": runner.backend if runner is not None else "numpy",
     }
     table.obsm[obsm_key] = out
     table.uns[name] = entry
