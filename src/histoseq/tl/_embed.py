@@ -570,8 +570,9 @@ def embed(
     number of spots. Networks run in eval mode under :func:`torch.inference_mode`; histoseq's own networks in
     ``channels_last`` and with bf16 autocast on hardware that computes bf16 natively (AVX-512 BF16 / AMX CPUs,
     recent GPUs), float32 elsewhere (the run's precision is recorded in ``uns[name]["precision"]``). On the CPU,
-    histoseq's own networks run through ONNX Runtime in float32 when it is installed (``histoseq[onnx]``; several
-    times faster), exported once into ``$HISTOSEQ_CACHE_DIR/onnx`` (default ``~/.cache/histoseq/onnx``) and checked
+    the EfficientNet encoders run through ONNX Runtime in float32 when it is installed (``histoseq[onnx]``;
+    1.6–2.9× faster end to end on 2 cores, ``benchmarks/embed.py``; the other networks were not faster there),
+    exported once into ``$HISTOSEQ_CACHE_DIR/onnx`` (default ``~/.cache/histoseq/onnx``) and checked
     against torch, falling back to torch if that fails (:mod:`histoseq.tl._onnx`); the environment variable
     ``HISTOSEQ_BACKEND=torch`` (or ``onnx``, ``auto``: the default) chooses. Modules you pass always run in torch.
 

@@ -68,6 +68,12 @@ def cache_dir() -> Path:
     return Path(root).expanduser() / "onnx"
 
 
+#: Networks that ``"auto"`` runs through ONNX Runtime: those it measured faster end to end on 2 CPU cores
+#: (``benchmarks/embed.py``: EfficientNet 1.6–2.9×; ResNet-18 0.7–1.1× and the small CNN 1.0–1.2× stay in torch,
+#: where they also skip the one-off export). ``HISTOSEQ_BACKEND=onnx`` runs every built-in network through it.
+AUTO_ONNX = ("efficientnet",)
+
+
 def backend_setting(backend: str | None = None) -> str:
     """The requested backend: ``backend``, else ``$HISTOSEQ_BACKEND``, else ``"auto"``; validated."""
     value = backend if backend is not None else os.environ.get(BACKEND_ENV, "")
@@ -147,6 +153,8 @@ def onnx_or_torch(runner: Any, name: str, *, backend: str | None = None) -> Any:
     if runner is None:
         return None
     builtin = bool(getattr(runner, "builtin", False) and getattr(runner, "is_module", False))
+    if backend_setting(backend) == "auto" and not any(str(name).startswith(n) for n in AUTO_ONNX):
+        return runner  # measured no faster through ONNX Runtime (benchmarks/embed.py): torch
     if choose_backend(builtin=builtin, device=runner.device, backend=backend) == "onnx":
         return OnnxRunner(runner, name)
     return runner
