@@ -28,6 +28,7 @@ import argparse
 import logging
 import math
 import os
+import shutil
 import tempfile
 import time
 import warnings
@@ -140,7 +141,7 @@ def main() -> None:
     parser.add_argument("--patch-px", type=int, default=224)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--encoders", nargs="+", default=list(ENCODERS))
-    parser.add_argument("--repeats", type=int, default=2, help="rounds of the four measurements (times summed)")
+    parser.add_argument("--repeats", type=int, default=2, help="rounds of the measurements (times summed)")
     parser.add_argument("--quick", action="store_true", help="24 spots at 64 px, small_cnn only")
     args = parser.parse_args()
     if args.quick:
@@ -148,7 +149,15 @@ def main() -> None:
 
     warnings.filterwarnings("ignore")
     logging.basicConfig(level=logging.WARNING)
-    os.environ[_cache_env()] = tempfile.mkdtemp(prefix="histoseq_onnx_bench_")  # a cold cache: export timed
+    cache = tempfile.mkdtemp(prefix="histoseq_onnx_bench_")  # a cold cache, so that the export is timed
+    os.environ[_cache_env()] = cache
+    try:
+        run(args)
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
+
+
+def run(args) -> None:
 
     import torch
 
