@@ -31,6 +31,9 @@ myst_enable_extensions = ["colon_fence", "dollarmath"]
 # the tutorials are committed without outputs; ``HISTOSEQ_DOCS_EXECUTE=1`` (CI) runs them while building, in a
 # temporary folder (the files they write do not land in the repository)
 nb_execution_mode = "force" if os.environ.get("HISTOSEQ_DOCS_EXECUTE", "").lower() in ("1", "true", "yes") else "off"
+if nb_execution_mode != "off":
+    # a non-interactive backend in the environment (CI sets MPLBACKEND=Agg) would keep the figures out of the pages
+    os.environ.pop("MPLBACKEND", None)
 nb_execution_in_temp = True
 nb_execution_timeout = 900
 nb_execution_raise_on_error = True
