@@ -106,7 +106,7 @@ def run_seed(seed: int, size_um: float, smoothness: list[float], log=print) -> d
     spot_xy = centres_um(sdata, spots_key, image_key)
     spot_rows = table.obs.loc[test, "spot_id"].to_numpy() if "spot_id" in table.obs else np.arange(test.sum())
     spot_xy = spot_xy[np.asarray(spot_rows, dtype=int)]
-    radius = float(sdata.tables["table"].uns["synthetic"].get("spot_diameter_um", 55.0)) / 2
+    radius = float(table.uns["synthetic"]["params"]["spot_diameter_um"]) / 2
 
     out: dict[str, dict[str, float]] = {}
     default = hs.tl.fit(sdata, genes=genes, train=TRAIN, progress=False)

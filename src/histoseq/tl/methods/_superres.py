@@ -230,18 +230,20 @@ class SuperResolutionMethod(ExpressionMethod):
 
         from ...models._superres import SuperResolutionPlan, TileRegressor
 
+        # fills spot_um and tile_um, and checks every option once
         opts = self.resolve_options(
-            {"encoder": encoder, "spot_um": spot_um, "tile_um": tile_um, "tile_px": tile_px},
+            {
+                "encoder": encoder,
+                "spot_um": spot_um,
+                "tile_um": tile_um,
+                "tile_px": tile_px,
+                "context_tiles": context_tiles,
+                "stain_norm": stain_norm,
+                "n_hidden": n_hidden,
+                "dropout": dropout,
+                "smoothness": smoothness,
+            },
             spot_um=spot_um,
-        )
-        check_options(
-            encoder=encoder,
-            tile_px=tile_px,
-            context_tiles=context_tiles,
-            stain_norm=stain_norm,
-            n_hidden=n_hidden,
-            dropout=dropout,
-            smoothness=smoothness,
         )
         net_opts = NetworkOptions(**network)
         name, tile_um = encoder_name(encoder, method="superres"), float(opts["tile_um"])
