@@ -56,24 +56,30 @@ class BestWeightsPlan(pl.LightningModule):
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         """The loss on a training batch."""
         loss, n = self.loss(batch, training=True)
-        self.log("train_loss", loss, on_step=False, on_epoch=True, batch_size=n)
+        self.log("train_loss", loss, on_step=False, on_epoch=True, batch_size=n, sync_dist=True)
         return loss
 
     def validation_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         """The loss on validation data (accumulated over the epoch, weighted by batch size)."""
         loss, n = self.loss(batch, training=False)
-        self.log("val_loss", loss, on_step=False, on_epoch=True, batch_size=n)
+        self.log("val_loss", loss, on_step=False, on_epoch=True, batch_size=n, sync_dist=True)
         self._val_sum += float(loss.detach()) * n
         self._val_n += n
         return loss
 
     def on_validation_epoch_end(self) -> None:
         """Record the epoch's validation loss and keep the weights if it is the best so far."""
-        if self._val_n == 0 or self.trainer.sanity_checking:
+        if self.trainer.sanity_checking:
             self._val_sum, self._val_n = 0.0, 0
             return
-        value = self._val_sum / self._val_n
+        # under a distributed strategy each process saw a share of the validation spots: all add up the same total
+        total, n = self.trainer.strategy.reduce(
+            torch.tensor([self._val_sum, float(self._val_n)], dtype=torch.float64), reduce_op="sum"
+        ).tolist()
         self._val_sum, self._val_n = 0.0, 0
+        if n == 0:
+            return
+        value = total / n
         self.history.append(value)
         if value < self.best_val_loss:
             self.best_val_loss = value
