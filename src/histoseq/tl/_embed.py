@@ -27,6 +27,7 @@ import numpy as np
 
 from .._sdata import get_table, resolve_regions, store_element, with_shapes_table
 from .._utils import seeded
+from ._cohort import over_slides
 
 if TYPE_CHECKING:
     import torch
@@ -543,6 +544,7 @@ def _check_args(patch_size_um: Any, patch_px: int, batch_size: int, key_added: s
         )
 
 
+@over_slides
 @with_shapes_table
 def embed(
     sdata: SpatialData,
@@ -615,7 +617,12 @@ def embed(
     Parameters
     ----------
     sdata
-        SpatialData with H&E images and spots annotated by a table.
+        SpatialData with H&E images and spots annotated by a table; or the path of a SpatialData zarr store, or a
+        list of them: each slide is opened lazily, embedded, and its table written back into its store, one
+        slide at a time (:mod:`histoseq.tl._cohort`).
+    client
+        With paths: a :class:`dask.distributed.Client`; each slide is then a task on its cluster, and the
+        workers write into the stores. ``None``: the slides run here, one after the other, with the same result.
     encoder
         Encoder name, module or callable (see above).
     patch_size_um

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .._sdata import get_table, select_rows, store_element
+from ._cohort import open_slides
 from ._data import (
     embedding_key,
     embedding_matrix,
@@ -361,7 +362,7 @@ def _default_groups(table: Any) -> str:
 
 
 def cross_validate(
-    sdata: SpatialData,
+    sdata: SpatialData | str | Sequence[str],
     *,
     groups: str | None = None,
     donor_key: str | None = None,
@@ -391,7 +392,9 @@ def cross_validate(
     Parameters
     ----------
     sdata
-        The SpatialData, with counts in the table's ``X`` and the embedding in ``obsm[embedding]``.
+        The SpatialData, with counts in the table's ``X`` and the embedding in ``obsm[embedding]``; or the paths
+        of SpatialData zarr stores, opened lazily (images stay on disk) and concatenated
+        (:func:`histoseq.io.concatenate`; ``key_added`` then needs that object: concatenate them yourself).
     groups
         Column of ``obs`` whose values are held out one at a time. Default: ``"donor_id"`` (which the readers
         fill) when the table has spots of two or more donors, so that every fold predicts a donor it was
@@ -450,6 +453,18 @@ def cross_validate(
     for name in ("train", "spots"):
         if name in fit_kwargs:
             raise TypeError(f"`{name}` is set by cross_validate for each fold; it cannot be passed.")
+    sdata = open_slides(sdata)
+    if isinstance(sdata, list):  # slides in zarr stores (images stay on disk): one table over all of them
+        from ..io import concatenate
+
+        if key_added is not None:
+            raise ValueError(
+                "`key_added` writes the held-out predictions into a SpatialData, and paths give none to write "
+                "into: open and concatenate the stores first (`hs.io.concatenate([sd.read_zarr(p) for p in "
+                "paths])`) and pass that object, or leave `key_added=None`."
+            )
+
+        sdata = concatenate(sdata, table_key=table_key or "table")
     tkey, table = get_table(sdata, table_key)
     if groups is None:
         groups = _default_groups(table)

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from ._cohort import open_slides, over_slides
 from ._data import TARGET_TRANSFORMS, TargetTransform, as_table, check_table, embedding_key, embedding_params
 from ._genes import resolve_genes
 from ._inputs import DEFAULT_EMBEDDING, EMBEDDING_PRESETS, ensure_embeddings, spot_diameter_um, undo_embeddings
@@ -192,7 +193,10 @@ def fit(
     ----------
     sdata
         A SpatialData, a list of them (their tables' rows are concatenated; they must share genes and
-        embedding), or an AnnData table (not for ``"cnn"``).
+        embedding), or an AnnData table (not for ``"cnn"``). Paths of SpatialData zarr stores (one or a list)
+        are opened lazily, so the slides' images are read patch by patch and never all held in memory; an
+        embedding that a store lacks is computed and written into that store (see :mod:`histoseq.tl._cohort`;
+        ``hs.tl.embed(paths, client=...)`` computes them beforehand on a dask cluster).
     genes
         Gene names, or a number ``n`` of genes to select with :func:`histoseq.tl.select_genes` on the
         training spots (``min_spot_fraction``, ``hvg_flavor``).
@@ -289,6 +293,7 @@ def fit(
     reads_embedding = impl.reads == "embedding"
     if reads_embedding:
         embedding = embedding_key(embedding)
+    sdata = open_slides(sdata)  # zarr paths: opened lazily, images stay on disk
     is_list = isinstance(sdata, Sequence) and not isinstance(sdata, str)
     objects = list(sdata) if is_list else [sdata]
     if is_list and not objects:
@@ -386,6 +391,7 @@ def fit(
     return model
 
 
+@over_slides
 def predict(
     sdata: SpatialData,
     model: ExpressionModel,
@@ -425,9 +431,15 @@ def predict(
     Parameters
     ----------
     sdata
-        The SpatialData.
+        The SpatialData; or the path of a SpatialData zarr store, or a list of them: each slide is opened lazily,
+        predicted, and the prediction table written into its store (atomically), one slide at a time
+        (:mod:`histoseq.tl._cohort`). Returns a list of tables with ``inplace=False``.
     model
         A fitted :class:`~histoseq.tl.ExpressionModel`.
+    client
+        With paths: a :class:`dask.distributed.Client`; each slide is then a task on its cluster (the model
+        travels in its file format, never pickled) and the workers write into the stores. ``None``: the slides
+        run here, one after the other, with the same result.
     key_added
         Name of the table of predictions; default ``"predicted"`` for a table's spots and
         ``f"{shapes_key}_predicted"`` for other shapes.
