@@ -257,6 +257,7 @@ def test_predict_writes_a_table_of_predictions(sdata, ridge_model):
     assert pred.shape == (int(test.sum()), len(ridge_model.genes)) and pred.X.dtype == np.float32
     assert list(pred.obs_names) == list(table.obs_names[test]) and list(pred.var_names) == ridge_model.genes
     assert get_table_keys(pred) == ("section2_spots", "region", "spot_id")
+    assert list(pred.obs["sample_id"].cat.categories) == [TEST]  # as a subset in anndata: no empty categories
     np.testing.assert_array_equal(pred.obsm["spatial"], table.obsm["spatial"][test])
     np.testing.assert_allclose(pred.X, ridge_model.predict_embeddings(table.obsm["X_morphology"][test]))
     info = pred.uns["predicted"]

@@ -86,6 +86,12 @@ def test_expression_plot_draws_measured_beside_predicted_on_one_scale():
         assert all(len(c.get_array()) == n for c in colls)
         assert colls[0].get_clim() == colls[1].get_clim()  # one colour scale per gene
         assert len(row[0].images) == 1  # the H&E under the spots
+        for ax, c in zip(row, colls, strict=True):  # the spots lie on the image, in the axes' data coordinates
+            assert c.get_offset_transform() is ax.transData
+            x0, x1, y0, y1 = ax.images[0].get_extent()
+            xy = c.get_offsets()
+            assert (xy[:, 0] >= min(x0, x1)).all() and (xy[:, 0] <= max(x0, x1)).all()
+            assert (xy[:, 1] >= min(y0, y1)).all() and (xy[:, 1] <= max(y0, y1)).all()
     # the measured values are the model's targets: log1p of counts per 10,000
     measured = next(c for c in panels[0].collections if isinstance(c, EllipseCollection)).get_array()
     rows = (t.obs["sample_id"] == "section1").to_numpy()

@@ -109,8 +109,13 @@ def _labels_overlay(sdata: SpatialData, labels_key: str, image_key: str, colours
     return rgba, (m[0, 2], m[0, 2] + m[0, 0] * w, m[1, 2] + m[1, 1] * h, m[1, 2])
 
 
-def _shape_artists(sdata: SpatialData, region: str, image_key: str, instances: np.ndarray, values: np.ndarray):
-    """A collection of the shapes ``instances`` of ``region`` in level-0 pixels of the image, coloured by ``values``."""
+def _shape_artists(
+    sdata: SpatialData, region: str, image_key: str, instances: np.ndarray, values: np.ndarray | None, ax: Any
+):
+    """A collection of the shapes ``instances`` of ``region`` in level-0 pixels of the image, coloured by ``values``.
+
+    Circles are placed in ``ax``'s data coordinates (their offsets follow ``ax.transData``), as polygons are.
+    """
     from matplotlib.collections import EllipseCollection, PolyCollection
 
     shapes = sdata.shapes[region].loc[instances]
@@ -125,7 +130,9 @@ def _shape_artists(sdata: SpatialData, region: str, image_key: str, instances: n
         xy = np.column_stack([geom.x, geom.y]) @ m[:2, :2].T + m[:2, 2]
         radius = shapes["radius"].to_numpy(float) if "radius" in shapes else np.full(len(shapes), 1.0)
         d = 2 * radius * float(np.sqrt(abs(np.linalg.det(m[:2, :2]))))
-        return EllipseCollection(d, d, np.zeros(len(d)), units="xy", offsets=xy, array=values)
+        return EllipseCollection(
+            d, d, np.zeros(len(d)), units="xy", offsets=xy, offset_transform=ax.transData, array=values
+        )
     polys = [np.asarray(g.exterior.coords) @ m[:2, :2].T + m[:2, 2] for g in geom]
     return PolyCollection(polys, array=values, edgecolors="none")
 
@@ -238,7 +245,7 @@ def classes(
         known = np.array([v is not None and v == v for v in values])  # NaN: no class, not drawn
         face = [colours[str(v)] for v in values[known]]
         if polygons:  # grid tiles: drawn as the squares they are
-            spots = _shape_artists(sdata, region, image_key, shapes.index[pos[known]], None)
+            spots = _shape_artists(sdata, region, image_key, shapes.index[pos[known]], None, ax)
             spots.set_facecolors(face)
         else:
             spots = EllipseCollection(

@@ -131,7 +131,7 @@ def expression(
         for j, (name, values) in enumerate(panels):
             ax = axes[i, j]
             ax.imshow(image if image.shape[-1] != 1 else image[..., 0], extent=extent, cmap="gray")
-            coll = _shape_artists(sdata, region, image_key, instances, values[:, i])
+            coll = _shape_artists(sdata, region, image_key, instances, values[:, i], ax)
             coll.set_cmap(cmap)
             coll.set_clim(vmin, vmax)
             ax.add_collection(coll)

@@ -73,6 +73,9 @@ def prediction_table(
     if "spatial" in source.obsm:
         out.obsm["spatial"] = np.asarray(source.obsm["spatial"])[rows].copy()
     out.uns[key] = info
+    for col in out.obs.columns:  # as anndata's subsets: categories of rows not predicted are dropped
+        if isinstance(out.obs[col].dtype, pd.CategoricalDtype):
+            out.obs[col] = out.obs[col].cat.remove_unused_categories()
     used = [r for r in regions if r in set(out.obs[region_key].astype(str))]
     out.obs[region_key] = pd.Categorical(out.obs[region_key].astype(str), categories=used)
     return TableModel.parse(
