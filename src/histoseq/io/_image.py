@@ -75,6 +75,19 @@ def read_image_lazy(path: str | Path, *, chunks: int = 1024):
 
     TIFF files (tiled or not, including pyramidal whole-slide TIFFs) are read chunk by chunk through
     :mod:`tifffile`'s zarr interface; JPEG and PNG are decoded on first access (see :class:`_LazyPILImage`).
+
+    Examples
+    --------
+    >>> import pathlib, tempfile
+    >>> import numpy as np
+    >>> from PIL import Image
+    >>> import histoseq as hs
+    >>> path = pathlib.Path(tempfile.mkdtemp()) / "he.png"
+    >>> Image.fromarray(np.full((300, 400, 3), 230, dtype=np.uint8)).save(path)
+    >>> image = hs.io.read_image_lazy(path, chunks=256)  # nothing is decoded yet
+    >>> image.shape, image.dtype.name, image.chunksize
+    ((3, 300, 400), 'uint8', (3, 256, 256))
+
     """
     import dask.array as da
 

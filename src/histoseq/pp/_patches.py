@@ -38,6 +38,19 @@ class Patches:
     params
         ``patch_size_um``, ``patch_px``, and per image the level read and the µm per pixel of the patch.
 
+    Examples
+    --------
+    >>> import histoseq as hs
+    >>> sdata = hs.datasets.synthetic(n_sections=1, section_size_um=600, progress=False)
+    >>> patches = hs.pp.extract_patches(sdata, patch_size_um=112, patch_px=32, progress=False)
+    >>> patches.images.shape[1:], patches.images.dtype.name
+    ((32, 32, 3), 'uint8')
+    >>> table = sdata.tables["table"]
+    >>> bool((patches.obs_names == table.obs_names[patches.rows]).all())
+    True
+    >>> patches.to_tensor().shape[1:]  # channels first, floats in [0, 1]
+    torch.Size([3, 32, 32])
+
     """
 
     images: np.ndarray

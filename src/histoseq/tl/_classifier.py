@@ -87,6 +87,17 @@ class ClassifierModel:
     provenance
         How it was trained (labels column, training sections, class counts, background tiles).
 
+    Examples
+    --------
+    >>> import histoseq as hs
+    >>> sdata = hs.datasets.synthetic(n_sections=2, section_size_um=800, progress=False)
+    >>> hs.tl.expression_classes(sdata, genes=["TUM1", "STRO1"])
+    >>> clf = hs.tl.fit_classifier(sdata, patch_sizes_um=(56,), patch_px=32, progress=False)
+    >>> clf.method, clf.channels, clf.patch_sizes_um, clf.patch_px
+    ('logistic', 'rgb', (56.0,), 32)
+    >>> clf.classes
+    ['TUM1', 'STRO1', 'tissue', 'background']
+
     """
 
     def __init__(

@@ -242,7 +242,11 @@ def fit(
     devices
         Lightning devices of the networks.
     strategy
-        Lightning strategy of the networks (e.g. ``"ddp"`` on several GPUs).
+        Lightning strategy of the networks (e.g. ``"ddp"`` on several GPUs, or on several CPU processes with
+        ``accelerator="cpu", devices=2``). Lightning's ``"ddp"`` starts its other processes by running the calling
+        script again, so call ``fit`` from a script (not a notebook; there ``"ddp_notebook"``). ``batch_size`` is per
+        process, as in Lightning: on ``n`` processes each step averages ``n × batch_size`` spots; the validation
+        loss that picks the best epoch is summed over all processes. See the cluster page of the docs.
     embed_kwargs
         Options of :func:`histoseq.tl.embed` when the embedding is computed (see above); for an embedding of
         several parts, a mapping from part to options, e.g. ``{"X_morphology_context": {"patch_px": 112}}``.

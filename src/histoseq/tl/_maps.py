@@ -69,7 +69,7 @@ def expression_map(
 
     Returns
     -------
-    With ``inplace=True``, ``None``; adds ``sdata.images[key_added]``: float32 ``(c=genes, y=grid rows,
+    With ``inplace=True``, ``None``; adds ``sdata.images[key_added]``, float32 ``(c=genes, y=grid rows,
     x=grid columns)``, NaN where the grid has no tile (off tissue), on every coordinate system of the image (a
     scale by the grid step in level-0 pixels, then the image's transformation). Otherwise the image.
 

@@ -54,6 +54,22 @@ class ExpressionModel:
         How it was trained: training groups and spots, penalty and cross-validation scores (ridge), best
         epoch and validation loss (networks).
 
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import histoseq as hs
+    >>> sdata = hs.datasets.synthetic(n_sections=2, section_size_um=900, progress=False)
+    >>> t = sdata.tables["table"]
+    >>> t.obsm["X_demo"] = np.random.default_rng(0).normal(size=(t.n_obs, 8))
+    >>> model = hs.tl.fit(sdata, genes=5, embedding="X_demo", progress=False)
+    >>> model.method, model.embedding, model.n_features, len(model.genes), model.target_transform
+    ('kernel', 'X_demo', 8, 5, 'log1p_cp10k')
+    >>> sorted(model.provenance["train_groups"]), model.provenance["n_train_spots"] == t.n_obs
+    (['section0', 'section1'], True)
+    >>> hs.tl.predict(sdata, model)
+    >>> sdata.tables["predicted"].var_names.tolist() == model.genes
+    True
+
     """
 
     def __init__(

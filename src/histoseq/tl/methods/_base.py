@@ -39,6 +39,14 @@ class Fitted:
     n_features
         Dimension of the input the method reads (the embedding, or the encoder's output for patches).
 
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from histoseq.tl.methods import Fitted
+    >>> fitted = Fitted(arrays={"mean": np.zeros(3)}, config={"alpha": 1.0}, info={"n_train": 10}, n_features=8)
+    >>> fitted.arrays["mean"].shape, fitted.config["alpha"], fitted.n_features
+    ((3,), 1.0, 8)
+
     """
 
     arrays: dict[str, np.ndarray]
@@ -76,6 +84,17 @@ class ExpressionMethod:
     patches_follow_shapes
         Whether the patches it predicts from depend on the size of the shapes predicted
         (:meth:`prediction_patches`).
+
+    Examples
+    --------
+    >>> from histoseq.tl.methods import ExpressionMethod, get_method
+    >>> kernel = get_method("kernel")
+    >>> isinstance(kernel, ExpressionMethod), kernel.reads, kernel.task, kernel.network
+    (True, 'embedding', 'regression', False)
+    >>> sorted(kernel.options)[:3]
+    ['alpha', 'alpha_scoring', 'alphas']
+
+    A method of one's own is a subclass with ``fit`` and ``predict``; see :func:`histoseq.tl.methods.register`.
 
     """
 

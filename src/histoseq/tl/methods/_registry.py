@@ -89,7 +89,18 @@ def list_methods(*, reads: str | None = None, task: str | None = None) -> list[s
 
 
 def get_method(name: Any) -> ExpressionMethod:
-    """The method called ``name``; a clear error naming the available ones otherwise."""
+    """The method called ``name``; a clear error naming the available ones otherwise.
+
+    Examples
+    --------
+    >>> from histoseq.tl.methods import get_method
+    >>> ridge = get_method("ridge")
+    >>> ridge.name, ridge.reads, ridge.task
+    ('ridge', 'embedding', 'regression')
+    >>> get_method("cnn").reads, get_method("cnn").network
+    ('patches', True)
+
+    """
     if isinstance(name, str) and name in _registered:
         return _registered[name]
     if not (isinstance(name, str) and name in BUILTIN):
