@@ -664,7 +664,7 @@ def embed(
 
     Returns
     -------
-    With ``inplace=True``, ``None``, and sets (on disk too when ``sdata`` is backed by zarr):
+    With ``inplace=True``, ``None``; the table then holds (on disk too when ``sdata`` is backed by zarr)
 
     - ``table.obsm[f"X_{name}"]``: ``(n_obs, D)`` float32, NaN for spots not embedded;
     - ``table.uns[name]["params"]``: ``encoder``, ``kind``, ``patch_size_um``, ``patch_px``, ``um_per_px``,
@@ -689,7 +689,8 @@ def embed(
     from tqdm.auto import tqdm
 
     from ..pp import iter_patches
-    from ..pp._stain import estimate_stains, normalize_stain, stain_norm_mode
+    from ..pp._stain import estimate_stains, stain_norm_mode
+    from ._batches import stain_normalised
     from ._onnx import onnx_or_torch
 
     # validate everything before any work or write
@@ -746,25 +747,24 @@ def embed(
                 batch_size=int(batch_size),
                 progress=False,
             )
-            for batch in batches:
-                patch_params = batch.params
-                images = batch.images
-                stain = stains.get(image_of.get(batch.region[0])) if len(batch) else None
-                if stain is not None:
-                    images = normalize_stain(images, stain, amount=stain_mode == "amount")
-                feats = res.model(images, float(batch.params["um_per_px"])) if runner is None else runner(images)
-                feats = np.asarray(feats, dtype=np.float32)
-                if out is None:
-                    if feats.ndim != 2 or feats.shape[1] < 1:
-                        raise ValueError(f"The encoder must return (B, D) features; got shape {feats.shape}.")
-                    out = np.full((table.n_obs, feats.shape[1]), np.nan, dtype=np.float32)
-                elif feats.shape[1] != out.shape[1]:
-                    raise ValueError(
-                        f"The encoder returned {feats.shape[1]} dims after {out.shape[1]} for other patches."
-                    )
-                out[batch.rows] = feats
-                done[batch.rows] = True
-                bar.update(len(batch))
+            # the encoder runs on batch k while batch k + 1 is cut and stain-normalised in a background thread
+            ready = stain_normalised(batches, stains, image_of, amount=stain_mode == "amount")
+            with ready:
+                for batch, images in ready:
+                    patch_params = batch.params
+                    feats = res.model(images, float(batch.params["um_per_px"])) if runner is None else runner(images)
+                    feats = np.asarray(feats, dtype=np.float32)
+                    if out is None:
+                        if feats.ndim != 2 or feats.shape[1] < 1:
+                            raise ValueError(f"The encoder must return (B, D) features; got shape {feats.shape}.")
+                        out = np.full((table.n_obs, feats.shape[1]), np.nan, dtype=np.float32)
+                    elif feats.shape[1] != out.shape[1]:
+                        raise ValueError(
+                            f"The encoder returned {feats.shape[1]} dims after {out.shape[1]} for other patches."
+                        )
+                    out[batch.rows] = feats
+                    done[batch.rows] = True
+                    bar.update(len(batch))
             if out is None:  # pragma: no cover - resolve_regions found spots
                 raise ValueError("No spots to embed: the selection is empty.")
             parts.append(out)
