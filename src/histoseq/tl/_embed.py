@@ -573,7 +573,8 @@ def embed(
     ``channels_last`` and with bf16 autocast on hardware that computes bf16 natively (AVX-512 BF16 / AMX CPUs,
     recent GPUs), float32 elsewhere (the run's precision is recorded in ``uns[name]["precision"]``). On the CPU,
     the EfficientNet encoders run through ONNX Runtime in float32 when it is installed (``histoseq[onnx]``;
-    1.6–2.9× faster end to end on 2 cores, ``benchmarks/embed.py``; the other networks were not faster there),
+    2.1× faster end to end than torch with bf16 on 2 cores, 5.6× than torch in float32, ``benchmarks/embed.py``;
+    the other networks were not clearly faster there),
     exported once into ``$HISTOSEQ_CACHE_DIR/onnx`` (default ``~/.cache/histoseq/onnx``) and checked
     against torch, falling back to torch if that fails (:mod:`histoseq.tl._onnx`); the environment variable
     ``HISTOSEQ_BACKEND=torch`` (or ``onnx``, ``auto``: the default) chooses. Modules you pass always run in torch.
