@@ -354,11 +354,18 @@ CASES = [
     ),
     # hs.tl.embed
     Case(
-        "embed_of_a_path",
+        "embed_of_a_missing_path",
         "none",
-        lambda o, c: hs.tl.embed("sections.zarr", patch_px=32, **P),
-        TypeError,
-        r"spatialdata\.read_zarr\(path\)",
+        lambda o, c: hs.tl.embed("no-such-sections.zarr", patch_px=32, **P),
+        FileNotFoundError,
+        r"No SpatialData zarr store .* `sdata\.write\(path\)`",
+    ),
+    Case(
+        "embed_over_a_user_embedding",
+        "sdata",
+        lambda o, c: hs.tl.embed(o, key_added="demo", patch_px=32, **P),
+        ValueError,
+        r"not written by hs\.tl\.embed; choose another `key_added`",
     ),
     Case(
         "embed_unknown_encoder",
@@ -429,7 +436,13 @@ CASES = [
         normalised,
     ),
     Case("fit_negative_counts", "copy", lambda o, c: hs.tl.fit(o, **FIT), ValueError, r"raw counts in `X`", negative),
-    Case("fit_a_path", "none", lambda o, c: hs.tl.fit("data.zarr", **FIT), TypeError, r"spatialdata\.read_zarr"),
+    Case(
+        "fit_a_missing_path",
+        "none",
+        lambda o, c: hs.tl.fit("no-such-data.zarr", **FIT),
+        FileNotFoundError,
+        r"No SpatialData zarr store .* `sdata\.write\(path\)`",
+    ),
     Case(
         "fit_classification_method",
         "sdata",

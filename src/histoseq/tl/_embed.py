@@ -714,6 +714,11 @@ def embed(
     res = _resolve(encoder, weights, random_state)
     name = key_added or res.name
     obsm_key = f"X_{name}"
+    theirs = obsm_key in table.obsm and not (isinstance(table.uns.get(name), Mapping) and "params" in table.uns[name])
+    if inplace and theirs:  # an embedding histoseq did not write is never replaced
+        raise ValueError(
+            f"Table {tkey!r} has `obsm[{obsm_key!r}]` already, not written by hs.tl.embed; choose another `key_added`."
+        )
 
     sizes = _patch_sizes(patch_size_um)
     logger.info(
