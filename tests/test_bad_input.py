@@ -352,6 +352,16 @@ CASES = [
         ValueError,
         r"another `key_added`",
     ),
+    Case(
+        "tissue_over_user_labels",
+        "copy",
+        lambda o, c: hs.pp.detect_tissue(o, image_key="section0_image", key_added="mine"),
+        ValueError,
+        r"pass `overwrite=True` to replace them, or another `key_added`",
+        prepare=lambda o, c: o.labels.__setitem__(
+            "mine", hs.pp.detect_tissue(o, image_key="section0_image", inplace=False)
+        ),
+    ),
     # hs.tl.embed
     Case(
         "embed_of_a_missing_path",

@@ -96,6 +96,7 @@ def detect_tissue(
     method: str = "otsu",
     max_pixels: int = _MAX_DETECTION_PX,
     key_added: str | None = None,
+    overwrite: bool = False,
     inplace: bool = True,
 ):
     """Detect the tissue of an H&E image at a coarse pyramid level.
@@ -115,6 +116,8 @@ def detect_tissue(
         Size of the level the detection runs on.
     key_added
         Name of the labels element; default ``f"{image_key}_tissue"``.
+    overwrite
+        Replace a labels element of that name (never replaced otherwise).
     inplace
         Add the labels element to ``sdata``; ``False`` returns it.
 
@@ -147,6 +150,10 @@ def detect_tissue(
         taken = [kind for kind in ("images", "points", "shapes", "tables") if key in getattr(sdata, kind)]
         if taken:
             raise ValueError(f"An element {key!r} exists already ({taken[0]}); choose another `key_added`.")
+        if key in sdata.labels and not overwrite:
+            raise ValueError(
+                f"Labels {key!r} exist already; pass `overwrite=True` to replace them, or another `key_added`."
+            )
     mask, lvl, stride = _tissue_mask(sdata, image_key, max_pixels, method)
     level = image_levels(sdata.images[image_key])[lvl]
     to_level = Scale([stride, stride], axes=("y", "x"))
