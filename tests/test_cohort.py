@@ -70,17 +70,13 @@ def test_paths_are_opened_lazily(stores):
         assert isinstance(level0.data, da.Array)  # on disk, read chunk by chunk
 
 
-def test_embed_paths_writes_each_store_as_in_memory(cohort, stores):
+def test_embed_fit_and_predict_paths(cohort, stores):
     assert hs.tl.embed(cohort, progress=False, **EMBED) is None
-    for path, original in zip(cohort, stores, strict=True):
-        expected = hs.tl.embed(sd.read_zarr(original), progress=False, inplace=False, **EMBED)  # one slide
+    for path, original in zip(cohort, stores, strict=True):  # each store as its slide embedded in memory
+        expected = hs.tl.embed(sd.read_zarr(original), progress=False, inplace=False, **EMBED)
         got = _table(path)
         np.testing.assert_array_equal(got.obsm["X_morphology"], expected)
         assert got.uns["morphology"]["n_spots"] == got.n_obs
-
-
-def test_predict_paths_and_fit_paths(cohort):
-    hs.tl.embed(cohort, progress=False, **EMBED)
     model = hs.tl.fit(cohort[:2], genes=8, method="ridge", embedding="X_morphology", progress=False)
     # the same fit from objects in memory
     same = hs.tl.fit([sd.read_zarr(p) for p in cohort[:2]], genes=8, method="ridge", embedding="X_morphology")
@@ -107,9 +103,11 @@ def test_cross_validate_paths(cohort):
         hs.tl.cross_validate(cohort, groups="sample_id", genes=5, embedding="X_morphology", key_added="cv")
 
 
-def test_model_travels_as_its_file(cohort):
-    hs.tl.embed(cohort[:2], progress=False, **EMBED)
-    model = hs.tl.fit(cohort[:2], genes=4, method="ridge", embedding="X_morphology", progress=False)
+def test_model_travels_as_its_file():
+    sdata = hs.datasets.synthetic(n_sections=2, section_size_um=600, progress=False)
+    t = sdata.tables["table"]
+    t.obsm["X_demo"] = np.random.default_rng(0).normal(size=(t.n_obs, 6))
+    model = hs.tl.fit(sdata, genes=4, method="ridge", embedding="X_demo", progress=False)
     carried = ModelFile.of(model)
     assert isinstance(carried.data, bytes) and carried.data[:2] == b"PK"  # histoseq's zip of JSON and tensors
     back = carried.load()

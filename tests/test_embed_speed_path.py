@@ -23,7 +23,11 @@ EST = {
 
 
 def prefetch_threads() -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name.startswith("histoseq-prefetch")]
+    """Prefetch threads still alive after a grace of 5 s (a pool's idle thread ends soon after its shutdown)."""
+    threads = [t for t in threading.enumerate() if t.name.startswith("histoseq-prefetch")]
+    for t in threads:
+        t.join(timeout=5)
+    return [t for t in threads if t.is_alive()]
 
 
 # ---------------------------------------------------------------------------------------------- Prefetch
@@ -36,7 +40,9 @@ def test_prefetch_keeps_the_order_and_applies_fn(background):
     assert not prefetch_threads()
     with Prefetch([], background=background) as items:
         assert list(items) == []
-    assert next(iter(Prefetch("ab", background=background))) == "a"
+    with Prefetch("ab", background=background) as items:  # left after one item: closed by the block
+        assert next(items) == "a"
+    assert not prefetch_threads()
 
 
 def test_prefetch_works_one_item_ahead_in_another_thread():
