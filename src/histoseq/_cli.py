@@ -455,7 +455,13 @@ def demo(args: argparse.Namespace) -> int:
         written = [args.out / "patches.png", model_path, store]
         if ssl_path is not None:  # the pretrained encoder's weights and their record
             written += [Path(ssl_path), *sorted(Path(ssl_path).parent.glob(Path(ssl_path).name + ".*"))]
-        say("Wrote " + ", ".join(str(p) for p in written))
+        here = Path.cwd().resolve()
+
+        def shown(p: Path) -> str:  # one form for every file: relative to where the demo runs, when inside it
+            p = Path(p).resolve()
+            return str(p.relative_to(here)) if p.is_relative_to(here) else str(p)
+
+        say("Wrote " + ", ".join(shown(p) for p in written))
     say("Done.")
     return 0
 
