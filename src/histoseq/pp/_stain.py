@@ -508,7 +508,7 @@ def estimate_stains(sdata: SpatialData, image_keys: Sequence[str]) -> dict[str, 
 
 
 #: Estimates of :func:`_remembered_estimate`: the identity of an image's level arrays → (weak references to them,
-#: the estimate); the most recently used first out of :data:`_REMEMBERED_MAX`.
+#: the estimate); beyond :data:`_REMEMBERED_MAX` entries the least recently used goes first.
 _REMEMBERED: OrderedDict[tuple[Any, ...], tuple[list[Any], dict[str, Any]]] = OrderedDict()
 _REMEMBERED_MAX = 64
 _REMEMBERED_LOCK = threading.Lock()
