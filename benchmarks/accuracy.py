@@ -23,10 +23,11 @@ Suffixes change one default (ablations): ``:rank`` and ``:standardise`` normalis
 section (``section_norm="rank"`` / ``"standardise"``; the default reads it as it is), ``:raw-targets``
 (``target_neighbors=1``: the kernel trains on the raw targets, never on targets averaged over expression
 neighbours), ``:equal-weights`` (``relevance_power=0``: every dimension weighs the same within its part) and
-``:rbf`` (``kernel="rbf"``). An encoder name ending in ``_raw`` embeds the patches as scanned
-(``embed(stain_norm=False)``), one ending in ``_amount`` normalises each stain's amount as well as its colour
-(``stain_norm="amount"``); every other encoder sees patches whose stain colours are normalised (the
-default). The HEST rows never normalise by section.
+``:rbf`` (``kernel="rbf"``), ``:no-augment`` (``augment=False``: the kernel trains on the spots as scanned, without
+the blurred and restained views of ``hs.tl.fit``'s scan augmentation). An encoder name ending in ``_raw`` embeds
+the patches as scanned (``embed(stain_norm=False)``), one ending in ``_amount`` normalises each stain's amount as
+well as its colour (``stain_norm="amount"``); every other encoder sees patches whose stain colours are normalised
+(the default). The HEST rows never normalise by section.
 
 **An honest protocol for choosing defaults.** The datasets are split in two (:data:`SPLITS`):
 
@@ -82,10 +83,12 @@ ROW_OPTIONS = {
     "raw-targets": {"target_neighbors": 1},
     "equal-weights": {"relevance_power": 0},
     "rbf": {"kernel": "rbf"},
+    "no-augment": {"augment": False},
 }
 #: rows run by default (``method:encoder``, optionally ``:suffix``), in the order of the table
 DEFAULT_ROWS = (
     DEFAULT_ROW,
+    f"{DEFAULT_ROW}:no-augment",
     f"{DEFAULT_ROW}:rank",
     f"{DEFAULT_ROW}:standardise",
     f"{DEFAULT_ROW}:raw-targets",
@@ -258,6 +261,30 @@ def _shuffled(sdata, parts: list[str], seed: int) -> str:
     return "+".join(keys)
 
 
+_VIEWS: dict = {}
+
+
+def _views(sdata, method: str, embedding: str):
+    """The scan views ``hs.tl.fit`` trains on by default, computed once per dataset and embedding for all spots.
+
+    A frozen encoder learns nothing from the data, so, like the embeddings, the views of every spot are computed
+    once; each fold's fit trains on its own training spots' views only (``hs.tl.fit(augment=views)``). ``None``
+    where ``hs.tl.fit`` makes no views (another method, or an embedding without a morphology part; the shuffled
+    control's embedding has no record, so the control trains without views).
+    """
+    from histoseq.tl._views import DEFAULT_AUGMENT, can_augment, scan_views
+    from histoseq.tl.methods import get_method
+
+    if not get_method(method).learns_views or can_augment([sdata], "table", embedding) is not None:
+        return None
+    key = (id(sdata), embedding)
+    if key not in _VIEWS:
+        t = time.perf_counter()
+        _VIEWS[key] = (sdata, scan_views([sdata], "table", embedding, DEFAULT_AUGMENT, progress=False))
+        print(f"  scan views of {embedding} for every spot: {time.perf_counter() - t:.0f} s", flush=True)
+    return _VIEWS[key][1]
+
+
 def _depth_key(sdata) -> str:
     table = sdata.tables["table"]
     table.obsm["X_bench_depth"] = np.log1p(np.asarray(table.X.sum(axis=1), dtype=float))
@@ -345,6 +372,10 @@ def run_row(row: str, sdata, fold_key: str, test_group: str, settings: Settings,
         kwargs["max_epochs"] = settings.mlp_epochs
     if embedding is not None:
         kwargs["embedding"] = embedding
+        if "augment" not in kwargs:
+            views = _views(sdata, fit_method, embedding)
+            if views is not None:
+                kwargs["augment"] = views
     out: dict[str, float] = {"fit_s": 0.0, "predict_s": 0.0}
     for name, genes in gene_sets.items():
         t = time.perf_counter()

@@ -16,14 +16,15 @@ column shifts the test section alone, one way at a time (``synthetic``'s options
 - ``blur``: a scan out of focus (``blur_um=1.5``).
 
 Each row is a model: ``default`` is ``hs.tl.fit`` with its defaults (kernel ridge on the three-scale morphology of
-patches whose stain colours are normalised, read as it is); the others change one thing: ``:rank`` and
+patches whose stain colours are normalised, read as it is, trained on each training spot and its four scan views:
+blurred by 1 and 2 µm, stained 0.7 and 1.4 times as strongly; ``hs.tl.fit(augment="auto")``,
+:mod:`histoseq.tl._views`); the others change one thing: ``:no-augment`` trains on the spots as scanned
+(``augment=False``), ``:blur-views`` on the two blurred views only (``augment=[1.0, 2.0]``), ``:rank`` and
 ``:standardise`` normalise the embedding within each section, ``:stain-amount`` also rescales each stain's amount
 (``embed(stain_norm="amount")``), ``:no-stain-norm`` embeds the patches as scanned (``stain_norm=False``),
-``:smooth1`` and ``:smooth2`` blur the patches' intensities by a Gaussian of 1 or 2 µm before the morphology
-features (``MorphologyParams(smooth_um=...)``, passed as ``embed(encoder=MorphologyEncoder(params))``),
-``:smooth2-amount`` does both ``:smooth2`` and ``:stain-amount`` (whether the amount normalisation undoes what the
-smoothing costs under a pale stain), ``:no-texture`` drops the texture features (``h_gradient_energy`` and the four
-``glcm_`` ones, at every scale and size) from the default embedding, ``ridge`` is the linear probe.
+``:smooth2`` blurs the patches' intensities by a Gaussian of 2 µm before the morphology features
+(``MorphologyParams(smooth_um=2)``, passed as ``embed(encoder=MorphologyEncoder(params))``), ``ridge`` is the linear
+probe (which learns from no views).
 
 ``matched`` is a reference, not a candidate: the default model trained on sections that carry the *same* shift as
 the test section (all three sections blurred, or all three 90 % tumour, ...), so that training and test slides
@@ -76,14 +77,13 @@ NEUTRAL = {"stain_strength": 1.0, "stain_hue": 0.0, "tumour_fraction": 0.5, "lib
 #: model name -> (embedding key, options of ``hs.tl.fit``)
 MODELS = {
     "default": ("X_morphology_context", {}),
+    "default:no-augment": ("X_morphology_context", {"augment": False}),
+    "default:blur-views": ("X_morphology_context", {"augment": [1.0, 2.0]}),
     "default:rank": ("X_morphology_context", {"section_norm": "rank"}),
     "default:standardise": ("X_morphology_context", {"section_norm": "standardise"}),
     "default:stain-amount": ("X_amount_context", {}),
     "default:no-stain-norm": ("X_raw_context", {}),
-    "default:smooth1": ("X_smooth1_context", {}),
     "default:smooth2": ("X_smooth2_context", {}),
-    "default:smooth2-amount": ("X_smooth2_amount_context", {}),
-    "default:no-texture": ("X_notexture_context", {}),
     "ridge": ("X_morphology_context", {"method": "ridge"}),
 }
 #: the reference row: the default trained on sections shifted as the test section is
@@ -94,9 +94,7 @@ EMBEDDINGS = {
     "morphology_context": {},
     "amount_context": {"stain_norm": "amount"},
     "raw_context": {"stain_norm": False},
-    "smooth1_context": {"smooth_um": 1.0},
     "smooth2_context": {"smooth_um": 2.0},
-    "smooth2_amount_context": {"smooth_um": 2.0, "stain_norm": "amount"},
 }
 #: embeddings made from another by dropping the columns whose feature name ends with one of these
 DERIVED = {

@@ -577,7 +577,8 @@ def test_a_spots_prediction_depends_only_on_its_image_and_the_model():
 
 def test_options_of_an_embedding_computed_by_fit():
     third = hs.datasets.synthetic(n_sections=2, section_size_um=600, random_state=5, progress=False)
-    hs.tl.fit(third, genes=3, embed_kwargs={"patch_px": 64}, progress=False)
+    # (augment=False: these check where the embedding's options go; the views are tested in test_views.py)
+    hs.tl.fit(third, genes=3, embed_kwargs={"patch_px": 64}, augment=False, progress=False)
     assert third.tables["table"].uns["morphology_context"]["params"]["patch_px"] == 64
     # options of one part of an embedding of several, e.g. with the tissue position on layered tissue
     table = third.tables["table"]
@@ -587,6 +588,7 @@ def test_options_of_an_embedding_computed_by_fit():
         genes=3,
         embedding=["X_morphology_context", "X_tissue_position"],
         embed_kwargs={"X_morphology_context": {"patch_px": 32}},
+        augment=False,
         progress=False,
     )
     assert table.uns["morphology_context"]["params"]["patch_px"] == 32

@@ -271,7 +271,9 @@ def test_several_parts_from_several_slides_and_computed_when_absent(synthetic):
     slide = hs.datasets.synthetic(n_sections=2, section_size_um=600, random_state=2, progress=False)
     table = slide.tables["table"]
     table.obsm["X_rand"] = np.random.default_rng(0).normal(size=(table.n_obs, 5))
-    model = hs.tl.fit(slide, genes=4, embedding=["X_rand", "X_morphology"], embed_kwargs=None, progress=False)
+    model = hs.tl.fit(
+        slide, genes=4, embedding=["X_rand", "X_morphology"], embed_kwargs=None, augment=False, progress=False
+    )
     assert model.embedding_params["parts"]["X_morphology"]["encoder"] == "morphology"
     dims = table.obsm["X_morphology"].shape[1]
     assert model.config["blocks"] == [5, dims]

@@ -16,6 +16,7 @@ _TOOLS = {
     "predict": "._fit",
     "load_model": "._model",
     "ExpressionModel": "._model",
+    "ScanShift": "._views",
     "select_genes": "._genes",
     "evaluate": "._evaluate",
     "cross_validate": "._evaluate",

@@ -19,7 +19,7 @@ from ._data import (
     transform_counts,
     warn_if_not_counts,
 )
-from ._fit import DEFAULT_EMBEDDING, DEFAULT_METHOD, ExpressionModel, fit, predict
+from ._fit import DEFAULT_EMBEDDING, DEFAULT_METHOD, ExpressionModel, fit, predict, views_of
 from ._inputs import ensure_embeddings
 from ._metrics import METRICS, gene_scores, log_depth, noise_ceiling
 from ._prediction import check_prediction_key, prediction_record, prediction_table, read_predictions
@@ -486,6 +486,20 @@ def cross_validate(
         ensure_embeddings([sdata], tkey, embedding, fit_kwargs.pop("embed_kwargs", None), random_state, progress)
         table = sdata.tables[tkey]
         X_emb = embedding_matrix(table, embedding, f"Table {tkey!r}")
+        # the scan views of every spot, once for all folds (each fold trains on its own spots' views only)
+        views = views_of(
+            fit_kwargs.get("augment", "auto"),
+            get_method(method),
+            [sdata],
+            True,
+            embedding,
+            None,
+            tkey,
+            groups,
+            progress,
+        )
+        if views is not None:
+            fit_kwargs["augment"] = views
 
     logger.info("Cross-validating a %s model over %d values of obs[%r].", method, len(uniq), groups)
     score_parts, summary_rows, models, fold_preds = [], [], [], []

@@ -19,13 +19,22 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from ._cohort import open_slides, over_slides
-from ._data import TARGET_TRANSFORMS, TargetTransform, as_table, check_table, embedding_key, embedding_params
+from ._data import (
+    TARGET_TRANSFORMS,
+    TargetTransform,
+    as_table,
+    check_table,
+    embedding_key,
+    embedding_params,
+    train_mask,
+)
 from ._genes import resolve_genes
 from ._inputs import DEFAULT_EMBEDDING, EMBEDDING_PRESETS, ensure_embeddings, spot_diameter_um, undo_embeddings
 from ._model import ExpressionModel, load_model
 from ._prediction import predict_table
 from ._sections import section_norm_mode
 from ._training_set import TrainerSettings, training_set
+from ._views import DEFAULT_AUGMENT, Views, can_augment, resolve_augment, scan_views
 from .methods import get_method
 
 if TYPE_CHECKING:
@@ -69,6 +78,7 @@ def fit(
     devices: int | str | Sequence[int] = "auto",
     strategy: str | Any = "auto",
     embed_kwargs: Mapping[str, Any] | None = None,
+    augment: Any = "auto",
     **method_kwargs: Any,
 ) -> ExpressionModel:
     """Learn gene expression from spot embeddings, or from the spots' H&E patches.
@@ -250,6 +260,17 @@ def fit(
     embed_kwargs
         Options of :func:`histoseq.tl.embed` when the embedding is computed (see above); for an embedding of
         several parts, a mapping from part to options, e.g. ``{"X_morphology_context": {"patch_px": 112}}``.
+    augment
+        Scan augmentation (:mod:`histoseq.tl._views`): each training spot is embedded again from its own patch as
+        a less sharp or differently stained scan would show it, and the method trains on the spot and these views
+        alike, so a slide scanned less sharply, or stained more or less strongly, than the training slides is read
+        as the same tissue. ``"auto"`` (default): the views of :data:`~histoseq.tl._views.DEFAULT_AUGMENT` (blurs
+        of 1 and 2 µm, stains 0.7 and 1.4 times as strong) when the method learns from
+        views (``"kernel"``), the data are SpatialData (the patches are needed) and the embedding has a
+        morphology part; none otherwise. ``False``: none; ``True``: the default views, or an error when they
+        cannot be made; a list of :class:`~histoseq.tl._views.ScanShift` (or blurs in µm) chooses the views.
+        Views of a list of SpatialData are computed for all their spots, of one SpatialData for its training
+        spots. It costs one more embedding of the training spots per view, and nothing at prediction.
     **method_kwargs
         Options of the method: ``kernel``, ``gammas``, ``gamma``, ``max_landmarks``, ``target_neighbors``,
         ``relevance_power``, ``part_weights`` (kernel); ``alphas``, ``alpha``, ``alpha_scoring``, ``n_splits``
@@ -323,6 +344,9 @@ def fit(
             method_kwargs = impl.resolve_options(method_kwargs, spot_um=spot_diameter_um(objects, table_key))
         added = []
     try:
+        views = views_of(
+            augment, impl, objects, is_list, embedding if reads_embedding else None, train, table_key, groups, progress
+        )
         data, table, source = training_set(
             sdata,
             objects,
@@ -340,6 +364,7 @@ def fit(
             random_state=random_state,
             progress=progress,
             trainer=TrainerSettings(max_epochs, accelerator, devices, strategy),
+            views=views,
         )
         logger.info(
             "Fitting a %s model: %d spots × %s -> %d genes (%s).",
@@ -372,6 +397,7 @@ def fit(
             if by_number
             else "given"
         ),
+        "augment": [shift.record() for shift in views.shifts] if views is not None else [],
         **fitted.info,
     }
     model = ExpressionModel(
@@ -393,6 +419,42 @@ def fit(
         f" (alpha={info['alpha']:.4g})" if "alpha" in info else f" (best epoch {info.get('best_epoch')})",
     )
     return model
+
+
+def views_of(
+    augment: Any,
+    impl: Any,
+    objects: list[Any],
+    is_list: bool,
+    embedding: str | None,
+    train: Any,
+    table_key: str | None,
+    groups: str | None,
+    progress: bool,
+) -> Views | None:
+    """The views of the training spots that ``augment`` asks for (``None``: none); see :mod:`histoseq.tl._views`."""
+    if isinstance(augment, Views):
+        if not impl.learns_views or embedding is None:
+            raise ValueError(f"`method={impl.name!r}` does not learn from views of the training spots; drop `augment`.")
+        return augment
+    shifts = resolve_augment(augment)
+    if shifts == ():
+        return None
+    why_not = (
+        f"`method={impl.name!r}` does not learn from views of the training spots"
+        if not impl.learns_views or embedding is None
+        else None
+    )
+    if why_not is None:
+        why_not = can_augment(objects, table_key, embedding)
+    if why_not is not None:
+        if shifts is None:  # "auto": augment where it can
+            logger.info("No scan augmentation for this fit: %s.", why_not)
+            return None
+        raise ValueError(f"`augment` cannot be used here: {why_not}. Pass `augment=False`.")
+    shifts = DEFAULT_AUGMENT if shifts is None else shifts
+    masks = None if is_list else [train_mask(as_table(objects[0], table_key), train, groups)]
+    return scan_views(objects, table_key, embedding, shifts, masks=masks, progress=progress)
 
 
 @over_slides

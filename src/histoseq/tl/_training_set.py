@@ -38,6 +38,8 @@ from ._targets import neighbor_genes
 if TYPE_CHECKING:
     import anndata as ad
 
+    from ._views import Views
+
 logger = logging.getLogger(__name__)
 
 
@@ -66,6 +68,9 @@ class TrainingSet:
         read an embedding; ``None`` otherwise.
     blocks
         Dimensions of the embedding's parts when it has several (in order), else ``None``.
+    views
+        ``(n, d)`` embeddings of the same spots as other scans would show them (rows aligned with :attr:`X`,
+        normalised like it), for methods that learn from them (:mod:`histoseq.tl._views`); ``None`` otherwise.
     images
         ``(n, px, px, 3)`` uint8 patches, for methods that read patches; ``None`` otherwise.
     patch_params
@@ -87,6 +92,7 @@ class TrainingSet:
     X: np.ndarray | None = None
     blocks: list[int] | None = None
     images: np.ndarray | None = None
+    views: list[np.ndarray] | None = None
     patch_params: dict[str, Any] = field(default_factory=dict)
     labels: np.ndarray | None = None
     regions: np.ndarray | None = None
@@ -134,12 +140,14 @@ def training_set(
     random_state: int | None,
     progress: bool,
     trainer: TrainerSettings,
+    views: Views | None = None,
 ) -> tuple[TrainingSet, ad.AnnData, str]:
     """The training set of a fit, the table it comes from (several are concatenated) and a name for it.
 
     ``embedding`` (an ``obsm`` key) or ``patches`` (``patch_size_um``, ``patch_px``, ``stain_norm``) says what
-    the method reads. The embedding is normalised within each section with ``section_norm`` before the training rows
-    are taken; training spots without a finite embedding or a patch are left out, with a warning.
+    the method reads; ``views`` (of the same table's rows) become :attr:`TrainingSet.views`. The embedding is
+    normalised within each section with ``section_norm`` before the training rows are taken; training spots
+    without a finite embedding or a patch are left out, with a warning.
     """
     import anndata as ad
 
@@ -160,9 +168,14 @@ def training_set(
     if embedding is not None:
         X_all = embedding_matrix(table, embedding, f"The {source}" if source.startswith("table") else source)
         finite = np.isfinite(X_all).all(axis=1)
+        if views is not None:
+            views.check(embedding, table.n_obs, X_all.shape[1])
+            view_all = [np.asarray(a, dtype=np.float64) for a in views.arrays]
+            finite &= np.logical_and.reduce([np.isfinite(a).all(axis=1) for a in view_all])
         if (mask & ~finite).any():
             logger.warning(
-                "%d training spot(s) have non-finite values in `obsm[%r]` (no image under them?); they are left out.",
+                "%d training spot(s) have non-finite values in `obsm[%r]` or its views (no image under them?); they "
+                "are left out.",
                 int((mask & ~finite).sum()),
                 embedding,
             )
@@ -170,7 +183,10 @@ def training_set(
             if not mask.any():
                 raise ValueError(f"No training spot has a finite embedding `obsm[{embedding!r}]`.")
         if section_norm:
-            X_all = SECTION_NORMS[section_norm](X_all, section_labels(table, groups))
+            sections = section_labels(table, groups)
+            X_all = SECTION_NORMS[section_norm](X_all, sections)
+            if views is not None:
+                view_all = [SECTION_NORMS[section_norm](a, sections) for a in view_all]
     elif patches is not None:
         images, patch_params, mask = training_patches(objects, table_key, mask, progress=progress, **patches)
     rows = np.flatnonzero(mask)
@@ -184,6 +200,7 @@ def training_set(
         X=X_all[rows] if X_all is not None else None,
         blocks=embedding_dims(table, embedding) if embedding and len(embedding_parts(embedding)) > 1 else None,
         images=images,
+        views=[a[rows] for a in view_all] if views is not None and X_all is not None else None,
         patch_params=patch_params,
         labels=labels[rows] if labels is not None else None,
         regions=regions[rows] if regions is not None else None,

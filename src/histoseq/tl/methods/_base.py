@@ -84,6 +84,9 @@ class ExpressionMethod:
     patches_follow_shapes
         Whether the patches it predicts from depend on the size of the shapes predicted
         (:meth:`prediction_patches`).
+    learns_views
+        Whether it trains on the views of the training spots that ``hs.tl.fit(augment=...)`` computes
+        (:mod:`histoseq.tl._views`); a method that does not is given none.
 
     Examples
     --------
@@ -109,6 +112,9 @@ class ExpressionMethod:
     #: from may differ in size from its training patches (:meth:`prediction_patches`).
     needs_spot_size: ClassVar[bool] = False
     patches_follow_shapes: ClassVar[bool] = False
+    #: Whether :meth:`fit` trains on :attr:`TrainingSet.views <histoseq.tl._training_set.TrainingSet.views>`
+    #: (the training spots as other scans show them; :mod:`histoseq.tl._views`).
+    learns_views: ClassVar[bool] = False
 
     def check_options(self, options: Mapping[str, Any]) -> None:
         """Refuse unknown options (and, in methods that can, bad values) before any work is done."""

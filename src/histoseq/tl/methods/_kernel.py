@@ -264,6 +264,7 @@ def fit_kernel(
     expression: np.ndarray | None = None,
     relevance_power: float | None = None,
     part_weights: Sequence[Sequence[float]] | None = None,
+    views: Sequence[np.ndarray] | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[str, Any], dict[str, Any]]:
     """Kernel ridge regression with the width and penalty chosen by cross-validation on the training spots.
 
@@ -285,6 +286,16 @@ def fit_kernel(
     kernel's distances (:func:`feature_relevance` against ``expression``, :func:`relevance_weights`);
     default :data:`DEFAULT_RELEVANCE_POWER` when ``expression`` is given, equal weights without it; ``0``
     turns the weighting off.
+
+    ``views``: embeddings of the same training spots (rows aligned with ``X``) as other scans would show them
+    (:mod:`histoseq.tl._views`: a less sharp scan, say). Each view is one more training row per spot, with
+    the spot's targets, group and section: the relevance of each dimension is computed on the spots and their
+    views together, so a dimension that moves with the scan more than with the expression weighs less, and
+    the regression learns to give a spot and its views the same prediction. The standardisation and the
+    Nyström landmarks are drawn from the spots and their views (the function needs support where a less sharp
+    scan puts a spot); the standardisation stays that of the spots. The cross-validation trains each inner fold
+    on its training spots and their views and scores it on the held-out spots and theirs (a held-out spot's
+    views are never trained on in its own fold).
 
     Returns the model's arrays (``scaler_mean``, ``scaler_scale``, ``landmarks``, ``dual_coef``,
     ``intercept`` and, when weighted, ``column_weights``), its configuration and what was chosen (for the provenance).
@@ -336,20 +347,43 @@ def fit_kernel(
 
     mean, scale = standardise(X)
     Z = (X - mean) / scale
-    relevance = feature_relevance(Z, expression) if expression is not None and power > 0 else None
+    n_views = 0
+    if views is not None and len(views):
+        views = [np.asarray(v, dtype=np.float64) for v in views]
+        if any(v.shape != X.shape for v in views):
+            raise ValueError(
+                f"Every view must have the shape of the embedding {X.shape}, got {[v.shape for v in views]}."
+            )
+        if not all(np.isfinite(v).all() for v in views):
+            raise ValueError("The views of the training spots hold non-finite values.")
+        n_views = len(views)
+        # the spots, then each view's copy of them: row i + v * n is spot i as view v shows it
+        Z = np.vstack([Z, *((v - mean) / scale for v in views)])
+
+    def stacked(rows: np.ndarray) -> np.ndarray:
+        """The rows of training spots ``rows`` and of their views in the stacked embedding."""
+        return np.concatenate([rows + v * n for v in range(n_views + 1)])
+
+    def tiled(A: np.ndarray) -> np.ndarray:
+        return np.tile(A, (n_views + 1,) + (1,) * (A.ndim - 1)) if n_views else A
+
+    relevance = feature_relevance(Z, tiled(expression)) if expression is not None and power > 0 else None
 
     def weights_for(shares: np.ndarray | None) -> np.ndarray | None:
         if relevance is not None:
             return relevance_weights(relevance, power, blocks, shares)
         return None if shares is None else _column_weights(Z.shape[1], blocks, shares)
 
-    m = min(n, int(max_landmarks))
-    if m < n:
+    # the landmarks are drawn from the spots and their views alike: the function must have support where a
+    # less sharp scan puts a spot, not only where the training scans did
+    n_rows = len(Z)
+    m = min(n_rows, int(max_landmarks))
+    if m < n_rows:
         rng = np.random.default_rng(random_state)
-        landmark_rows = np.sort(rng.choice(n, size=m, replace=False))
-        logger.info("Kernel model: %d of %d training spots serve as Nyström landmarks.", m, n)
+        landmark_rows = np.sort(rng.choice(n_rows, size=m, replace=False))
+        logger.info("Kernel model: %d of %d training rows serve as Nyström landmarks.", m, n_rows)
     else:
-        landmark_rows = np.arange(n)
+        landmark_rows = np.arange(n_rows)
     L = Z[landmark_rows]
 
     def features(g: float, weights: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
@@ -359,6 +393,8 @@ def fit_kernel(
         return K @ T, T
 
     info: dict[str, Any] = {"n_landmarks": m, "relevance_power": power if relevance is not None else 0.0}
+    if n_views:
+        info["n_views"] = n_views
     config: dict[str, Any] = {"kernel": kernel, "max_landmarks": int(max_landmarks)}
     if blocks:
         config["blocks"] = blocks
@@ -369,16 +405,23 @@ def fit_kernel(
         info.update(gamma=best_gamma, alpha=best_alpha, alpha_rule="given")
     else:
         folds, scheme = cv_folds(labels, regions, coords, n, n_splits=n_splits, random_state=random_state)
-        # the targets each inner fold trains on, smoothed among that fold's training spots only
-        fold_targets = {k: [smooth_targets(Y[tr], expression[tr], k) for tr, _ in folds] for k in k_grid if k > 1}
+        # the targets each inner fold trains on, smoothed among that fold's training spots only (a view
+        # trains on the targets of its spot)
+        fold_targets = {
+            k: [tiled(smooth_targets(Y[tr], expression[tr], k)) for tr, _ in folds] for k in k_grid if k > 1
+        }
         # held-out error and correlation per (neighbours, part weighting, width, penalty, gene)
         mse = np.full((len(k_grid), len(candidates), len(gamma_grid), len(alpha_grid), Y.shape[1]), np.nan)
         corr = np.full_like(mse, np.nan)
         # the relevance of each dimension, like the smoothed targets, comes from each inner fold's own
         # training spots: the held-out section's expression never shapes the kernel it is scored with
         fold_relevance = (
-            [feature_relevance(Z[tr], expression[tr]) for tr, _ in folds] if relevance is not None else None
+            [feature_relevance(Z[stacked(tr)], tiled(expression[tr])) for tr, _ in folds]
+            if relevance is not None
+            else None
         )
+        # each fold trains on its spots and their views, and is scored on its held-out spots and theirs
+        view_folds = [(stacked(tr), va) for tr, va in folds] if n_views else folds
         for c, shares in enumerate(candidates):
             weights = weights_for(shares) if fold_relevance is None else None  # the same in every fold
             fold_weights = (
@@ -390,7 +433,7 @@ def fit_kernel(
                 Phi = features(g, weights)[0] if fold_weights is None else [features(g, w)[0] for w in fold_weights]
                 for h, k in enumerate(k_grid):
                     mse[h, c, i], corr[h, c, i] = ridge_cv(
-                        Phi, Y, folds, alpha_grid, fold_targets=fold_targets.get(k), per_gene=True
+                        Phi, tiled(Y), view_folds, alpha_grid, fold_targets=fold_targets.get(k), per_gene=True
                     )
         raw = mse if alpha_scoring == "mse" else -corr
         per_gene = np.where(np.isfinite(raw), raw, np.inf)
@@ -455,7 +498,7 @@ def fit_kernel(
             info["cv"]["part_weights"] = [w.tolist() for w in candidates]
             info["cv"]["part_weight_scores"] = jsonable(score.reshape(len(candidates), -1).min(axis=1))
     Phi, T = features(best_gamma, column_weights)
-    coef, intercept = ridge_solve(Phi, Y, best_alpha)
+    coef, intercept = ridge_solve(Phi, tiled(Y), best_alpha)
     config["gamma"] = best_gamma
     arrays = {
         "scaler_mean": mean,
@@ -507,6 +550,7 @@ class Kernel(ExpressionMethod):
         }
     )
     arrays = ("scaler_mean", "scaler_scale", "landmarks", "dual_coef", "intercept")
+    learns_views = True
 
     def fit(self, data: TrainingSet, **options: Any) -> Fitted:
         """:func:`fit_kernel` on the training set, with its expression when smoothing or weighting needs it."""
@@ -524,6 +568,7 @@ class Kernel(ExpressionMethod):
             random_state=data.random_state,
             blocks=data.blocks,
             expression=data.expression() if needs else None,
+            views=data.views,
             **options,
         )
         return Fitted(arrays, config, info, n_features=data.X.shape[1])
