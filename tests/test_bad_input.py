@@ -471,6 +471,34 @@ CASES = [
     ),
     Case("fit_unknown_groups", "sdata", lambda o, c: hs.tl.fit(o, groups="nope", **FIT), KeyError, r"groups=None"),
     Case(
+        "fit_augment_word",
+        "sdata",
+        lambda o, c: hs.tl.fit(o, augment="blur", **FIT),
+        ValueError,
+        r"'auto', True, False",
+    ),
+    Case(
+        "fit_augment_ridge",
+        "sdata",
+        lambda o, c: hs.tl.fit(o, augment=[1.0], **FIT),
+        ValueError,
+        r"does not learn from views.*augment=False",
+    ),
+    Case(
+        "fit_augment_table",
+        T,
+        lambda o, c: hs.tl.fit(o, genes=3, embedding="X_demo", augment=True, progress=False),
+        ValueError,
+        r"no images.*augment=False",
+    ),
+    Case(
+        "fit_augment_not_morphology",
+        "sdata",
+        lambda o, c: hs.tl.fit(o, genes=3, embedding="X_demo", augment=True, progress=False),
+        ValueError,
+        r"morphology encoder.*augment=False",
+    ),
+    Case(
         "zarr_fit_unknown_gene",
         "zarr",
         lambda o, c: hs.tl.fit(

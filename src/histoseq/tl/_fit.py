@@ -313,6 +313,8 @@ def fit(
         raise ValueError(f"Unknown `target_transform` {target_transform!r}; choose one of {list(TARGET_TRANSFORMS)}.")
     norm = section_norm_mode(section_norm)
     impl.check_options(method_kwargs)
+    if not isinstance(augment, Views):
+        resolve_augment(augment)  # refuses a bad value before any work
     if not impl.network and max_epochs is not None:
         logger.warning("`max_epochs` only applies to methods that train networks; %r does not. Ignored.", method)
     reads_embedding = impl.reads == "embedding"
