@@ -391,8 +391,9 @@ def demo(args: argparse.Namespace) -> int:
     say(f"Fitting the default model (hs.tl.fit) on {', '.join(train)}; holding out {test}...")
     say(
         "  kernel ridge on morphology at 224, 448 and 800 µm around each spot (computed by fit, each dimension "
-        "weighted by how well it follows the training spots' expression); kernel width, penalty and target "
-        "smoothing by leave-one-section-out CV"
+        "weighted by how well it follows the training spots' expression), trained on each spot and on four views "
+        "of it re-embedded blurred (1, 2 µm) and restained (x0.7, x1.4), so that a slide scanned or stained "
+        "differently reads as the same tissue; kernel width, penalty and target smoothing by leave-one-section-out CV"
     )
     model = hs.tl.fit(sdata, genes=list(table.var_names), train=train, progress=progress)
     say(

@@ -294,8 +294,10 @@ def fit_kernel(
     the regression learns to give a spot and its views the same prediction. The standardisation and the
     Nyström landmarks are drawn from the spots and their views (the function needs support where a less sharp
     scan puts a spot); the standardisation stays that of the spots. The cross-validation trains each inner fold
-    on its training spots and their views and scores it on the held-out spots and theirs (a held-out spot's
-    views are never trained on in its own fold).
+    on its training spots and their views and scores it on the held-out spots as scanned (a held-out spot's
+    views are never trained on in its own fold, nor scored: the penalty and width are chosen for real slides).
+    With views there are at most twice as many landmarks as spots (drawn at random from the spots and their
+    views), so that four views cost about five times the time of the spots alone, not twenty-five.
 
     Returns the model's arrays (``scaler_mean``, ``scaler_scale``, ``landmarks``, ``dual_coef``,
     ``intercept`` and, when weighted, ``column_weights``), its configuration and what was chosen (for the provenance).
@@ -375,9 +377,10 @@ def fit_kernel(
         return None if shares is None else _column_weights(Z.shape[1], blocks, shares)
 
     # the landmarks are drawn from the spots and their views alike: the function must have support where a
-    # less sharp scan puts a spot, not only where the training scans did
+    # less sharp scan puts a spot, not only where the training scans did; there are at most twice as many as
+    # spots (and max_landmarks), so views cost time in proportion to the rows, not to their square
     n_rows = len(Z)
-    m = min(n_rows, int(max_landmarks))
+    m = min(n_rows, 2 * n, int(max_landmarks))
     if m < n_rows:
         rng = np.random.default_rng(random_state)
         landmark_rows = np.sort(rng.choice(n_rows, size=m, replace=False))
@@ -420,7 +423,7 @@ def fit_kernel(
             if relevance is not None
             else None
         )
-        # each fold trains on its spots and their views, and is scored on its held-out spots and theirs
+        # each fold trains on its spots and their views, and is scored on its held-out spots as scanned
         view_folds = [(stacked(tr), va) for tr, va in folds] if n_views else folds
         for c, shares in enumerate(candidates):
             weights = weights_for(shares) if fold_relevance is None else None  # the same in every fold
