@@ -90,7 +90,7 @@ def small():
     return sdata
 
 
-def test_fit_trains_on_views_of_its_training_spots_and_records_them(small, monkeypatch):
+def test_fit_trains_on_views_of_its_training_spots_and_records_them(small, monkeypatch, tmp_path):
     from histoseq.tl import _fit
 
     calls = []
@@ -115,6 +115,10 @@ def test_fit_trains_on_views_of_its_training_spots_and_records_them(small, monke
     one = hs.tl.predict(small, model, spots=[0], inplace=False).X
     everything = hs.tl.predict(small, model, inplace=False).X
     np.testing.assert_allclose(one[0], everything[0], rtol=1e-6)
+    # the record travels with the model's file
+    again = hs.tl.load_model(model.save(tmp_path / "model.pt"))
+    assert again.provenance["augment"] == model.provenance["augment"]
+    np.testing.assert_allclose(hs.tl.predict(small, again, spots=[0], inplace=False).X, one, rtol=1e-6)
 
 
 def test_views_of_a_stronger_stain_and_a_blur_change_the_morphology(small):
