@@ -100,42 +100,65 @@ def ridge_cv(
     Returns the mean squared error (pooled over folds, each gene divided by its variance so that all genes
     weigh the same) and the mean Pearson correlation (over folds and genes), one value per penalty; with
     ``per_gene=True``, one row per penalty and one column per gene (their means over genes are the
-    pooled values).
+    pooled values). :func:`ridge_cv_sets` scores several sets of training targets on one SVD per fold.
+    """
+    return ridge_cv_sets(P, Y, folds, alphas, [fold_targets], per_gene=per_gene)[0]
+
+
+def ridge_cv_sets(
+    P: np.ndarray | Sequence[np.ndarray],
+    Y: np.ndarray,
+    folds: list[tuple[np.ndarray, np.ndarray]],
+    alphas: np.ndarray,
+    target_sets: Sequence[Sequence[np.ndarray] | None],
+    per_gene: bool = False,
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """:func:`ridge_cv` for each of ``target_sets`` (each a ``fold_targets``, or ``None`` for ``Y``), one SVD per fold.
+
+    The features, and so the SVD of each fold, are the same for every set of training targets (e.g. the raw and
+    the smoothed targets of the kernel method), so they share it.
     """
     var = Y.var(axis=0)
     var = np.where(var > 0, var, 1.0)
     shape = (len(alphas), Y.shape[1])
-    sse = np.zeros(shape)
+    n_sets = len(target_sets)
+    sse = [np.zeros(shape) for _ in range(n_sets)]
+    corr = [np.zeros(shape) for _ in range(n_sets)]
+    corr_n = [np.zeros(shape) for _ in range(n_sets)]
     count = 0
-    corr = np.zeros(shape)
-    corr_n = np.zeros(shape)
     per_fold = isinstance(P, list | tuple)
     if per_fold and len(P) != len(folds):
         raise ValueError(f"`P` holds {len(P)} feature matrices for {len(folds)} folds.")
     for f, (tr, va) in enumerate(folds):
         Pf = P[f] if per_fold else P
-        Y_tr = Y[tr] if fold_targets is None else fold_targets[f]
-        p_mean, y_mean = Pf[tr].mean(axis=0), Y_tr.mean(axis=0)
+        p_mean = Pf[tr].mean(axis=0)
         U, s, Vt = svd(Pf[tr] - p_mean)
-        uty = U.T @ (Y_tr - y_mean)
         a = (Pf[va] - p_mean) @ Vt.T
-        for i, alpha in enumerate(alphas):
-            pred = a @ ((s / (s * s + alpha))[:, None] * uty) + y_mean
-            sse[i] += (((pred - Y[va]) ** 2) / var).sum(axis=0)
-            if len(va) > 1:
-                r = column_pearson(pred, Y[va])
-                ok = np.isfinite(r)
-                corr[i, ok] += r[ok]
-                corr_n[i, ok] += 1
+        for t, fold_targets in enumerate(target_sets):
+            Y_tr = Y[tr] if fold_targets is None else fold_targets[f]
+            y_mean = Y_tr.mean(axis=0)
+            uty = U.T @ (Y_tr - y_mean)
+            for i, alpha in enumerate(alphas):
+                pred = a @ ((s / (s * s + alpha))[:, None] * uty) + y_mean
+                sse[t][i] += (((pred - Y[va]) ** 2) / var).sum(axis=0)
+                if len(va) > 1:
+                    r = column_pearson(pred, Y[va])
+                    ok = np.isfinite(r)
+                    corr[t][i, ok] += r[ok]
+                    corr_n[t][i, ok] += 1
         count += len(va)
-    mse = sse / max(count, 1)
-    with np.errstate(invalid="ignore"):
-        corr = np.where(corr_n > 0, corr / np.maximum(corr_n, 1), np.nan)
-    if per_gene:
-        return mse, corr
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # a penalty whose genes are all constant: NaN
-        return mse.mean(axis=1), np.nanmean(corr, axis=1)
+    out = []
+    for t in range(n_sets):
+        mse = sse[t] / max(count, 1)
+        with np.errstate(invalid="ignore"):
+            c = np.where(corr_n[t] > 0, corr[t] / np.maximum(corr_n[t], 1), np.nan)
+        if per_gene:
+            out.append((mse, c))
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # a penalty whose genes are all constant: NaN
+            out.append((mse.mean(axis=1), np.nanmean(c, axis=1)))
+    return out
 
 
 def ridge_solve(P: np.ndarray, Y: np.ndarray, alpha: float) -> tuple[np.ndarray, np.ndarray]:

@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..._utils import jsonable, standardise
-from .._linalg import DEFAULT_ALPHAS, check_scoring, grid, ridge_cv, ridge_solve, warn_at_edge
+from .._linalg import DEFAULT_ALPHAS, check_scoring, grid, ridge_cv_sets, ridge_solve, warn_at_edge
 from .._splits import cv_folds
 from .._targets import expression_components, neighbor_grid, smooth_targets
 from ._base import ExpressionMethod, Fitted, standardised
@@ -434,10 +434,12 @@ def fit_kernel(
             )
             for i, g in enumerate(gamma_grid):
                 Phi = features(g, weights)[0] if fold_weights is None else [features(g, w)[0] for w in fold_weights]
-                for h, k in enumerate(k_grid):
-                    mse[h, c, i], corr[h, c, i] = ridge_cv(
-                        Phi, tiled(Y), view_folds, alpha_grid, fold_targets=fold_targets.get(k), per_gene=True
-                    )
+                # one SVD per fold for every neighbour count: only the training targets differ
+                sets = ridge_cv_sets(
+                    Phi, tiled(Y), view_folds, alpha_grid, [fold_targets.get(k) for k in k_grid], per_gene=True
+                )
+                for h, (set_mse, set_corr) in enumerate(sets):
+                    mse[h, c, i], corr[h, c, i] = set_mse, set_corr
         raw = mse if alpha_scoring == "mse" else -corr
         per_gene = np.where(np.isfinite(raw), raw, np.inf)
         # each gene takes the neighbour count that suits it best; the weighting, width and penalty are shared
