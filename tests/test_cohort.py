@@ -70,6 +70,7 @@ def test_paths_are_opened_lazily(stores):
         assert isinstance(level0.data, da.Array)  # on disk, read chunk by chunk
 
 
+@pytest.mark.slow
 def test_embed_fit_and_predict_paths(cohort, stores):
     assert hs.tl.embed(cohort, progress=False, **EMBED) is None
     for path, original in zip(cohort, stores, strict=True):  # each store as its slide embedded in memory

@@ -554,7 +554,7 @@ def test_a_spots_prediction_depends_only_on_its_image_and_the_model():
     """Predicting a whole section, half of it or one spot gives the same values for the same spots."""
     import pandas as pd
 
-    sdata = hs.datasets.synthetic(n_sections=3, section_size_um=700, random_state=6, progress=False)
+    sdata = hs.datasets.synthetic(n_sections=3, section_size_um=500, random_state=6, progress=False)
     model = hs.tl.fit(sdata, genes=8, train=TRAIN, progress=False)  # the defaults, embedding computed by fit
     table = sdata.tables["table"]
     test = np.flatnonzero((table.obs["sample_id"] == TEST).to_numpy())

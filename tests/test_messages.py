@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 import histoseq as hs
 from histoseq.tl._linalg import DEFAULT_ALPHAS, warn_at_edge
@@ -36,6 +37,7 @@ def test_coarse_images_are_reported_once_per_call(caplog):
     assert len(msgs) == 1 and msgs[0].startswith("2 images are coarser")
 
 
+@pytest.mark.slow
 def test_stain_estimation_does_not_print_squidpy_docstring_notices():
     """squidpy's docrep SyntaxWarnings on first import are hushed (a fresh interpreter shows them otherwise)."""
     code = (
